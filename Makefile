@@ -1,0 +1,44 @@
+# The two commands a newcomer types are `make demo` and `make test`; both set up .venv from uv.lock first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON_VERSION := 3.11
+# uv from PATH, else a private copy installed under .local/ (no root, no system changes).
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.local/tools/bin/uv)
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCAL := .local
+export UV_PYTHON := $(PYTHON_VERSION)
+
+.PHONY: help setup demo test lint bench clean
+
+help:
+	@echo "make demo   build the embedded BigEarthNet-format mirror, serve it on loopback, download and validate it"
+	@echo "make test   lint, then every test (unit, data, integration with real servers on loopback)"
+	@echo "make lint   ruff check + ruff format --check"
+	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"
+
+$(UV):
+	python3 -m venv $(LOCAL)/tools
+	$(LOCAL)/tools/bin/pip install --quiet uv
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	touch $@
+
+setup: $(VENV)/.synced
+
+demo: setup
+	$(PY) -m tasks.demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(LOCAL)/data $(LOCAL)/gcs test-artifacts

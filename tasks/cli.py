@@ -1,0 +1,52 @@
+"""The few lines every step's command line shares: params file, --set overrides, logging, error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.errors import CloudscreenError
+
+log = logging.getLogger(__name__)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options common to every step."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter for this run; repeatable; VALUE is parsed as YAML",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Great Expectations logs its internals at INFO; tifffile logs an ERROR for each damaged file that the
+    # validation report already names with its reason.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a CLI body; a CloudscreenError becomes a one-line error and exit code 2, not a traceback."""
+    try:
+        main()
+    except CloudscreenError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
