@@ -605,7 +605,6 @@ def _gcs_errors(url: str) -> Iterator[None]:
     except (
         api.ServerError,
         api.TooManyRequests,
-        api.RequestTimeout,
         auth.TransportError,
         *_HTTP_TRANSIENT,
     ) as exc:

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tasks import bigearthnet as ben
+from tasks.errors import ConfigError
+from tasks.mirror import Fault, archive_name, build_mirror, parse_faults
+from tasks.storage import file_digest
+from tests.conftest import REPO, mirror_params
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def test_archive_has_the_bigearthnet_s2_layout(small_mirror):
+    files = _members(small_mirror.archive)
+    top = "BigEarthNet-S2-mirror-40-5"
+    assert small_mirror.archive.name == f"{top}.tar.gz"
+    assert len(small_mirror.patch_ids) == 46  # 40 synthesized + 6 real
+    for patch_id in small_mirror.patch_ids:
+        assert ben.PATCH_NAME_RE.fullmatch(patch_id)
+        for band, size in ben.BAND_SIZES.items():
+            array = tifffile.imread(io.BytesIO(files[f"{top}/{patch_id}/{ben.band_file(patch_id, band)}"]))
+            assert array.shape == (size, size) and array.dtype == np.uint16
+        meta = json.loads(files[f"{top}/{patch_id}/{ben.metadata_file(patch_id)}"])
+        assert set(meta) == ben.JSON_KEYS
+        assert meta["labels"] and set(meta["labels"]) <= ben.LABELS
+        c = meta["coordinates"]
+        assert c["lrx"] - c["ulx"] == c["uly"] - c["lry"] == ben.PATCH_SIZE_M
+    assert len(files) == 46 * 13
+
+
+def test_synthesized_bands_carry_geotiff_georeferencing(small_mirror):
+    files = _members(small_mirror.archive)
+    name = next(n for n in files if n.endswith("_B8A.tif") and "T94161_57_38" not in n)
+    with tifffile.TiffFile(io.BytesIO(files[name])) as tif:
+        tags = tif.pages[0].tags
+        assert tags["ModelPixelScaleTag"].value[:2] == (20.0, 20.0)
+        assert "UTM zone" in tags["GeoAsciiParamsTag"].value
+        patch = name.split("/")[1]
+        meta = json.loads(files[f"{name.rsplit('/', 1)[0]}/{ben.metadata_file(patch)}"])
+        assert tags["ModelTiepointTag"].value[3:5] == (meta["coordinates"]["ulx"], meta["coordinates"]["uly"])
+
+
+def test_real_example_patches_are_included_verbatim(small_mirror):
+    files = _members(small_mirror.archive)
+    with tarfile.open(ben.example_archive()) as tar:
+        real = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar if m.isfile()}
+    assert len(real) == 6 * 13
+    for name, data in real.items():
+        assert files[f"BigEarthNet-S2-mirror-40-5/{name}"] == data
+
+
+def test_cloud_share_and_names_come_from_the_official_lists(small_mirror):
+    clouds = ben.cloud_and_shadow_patches()
+    table = ben.name_table()
+    assert all(p in table.index for p in small_mirror.patch_ids)
+    assert set(small_mirror.cloud_patch_ids) == {p for p in small_mirror.patch_ids if p in clouds}
+    assert len(small_mirror.cloud_patch_ids) == round(0.3 * 40)  # none of the 6 real patches is cloudy
+
+
+def test_same_seed_gives_byte_identical_archive_and_other_seed_does_not(tmp_path, small_mirror):
+    params = mirror_params(patches=40, seed=5)
+    again = build_mirror(out=tmp_path / "a", params=params, workers=2)  # process pool: order must not change
+    assert again.sha256 == small_mirror.sha256
+    other = build_mirror(out=tmp_path / "b", params=mirror_params(patches=40, seed=6), workers=1)
+    assert other.sha256 != small_mirror.sha256
+
+
+def test_checksum_file_is_in_sha256sum_format(small_mirror):
+    sidecar = small_mirror.archive.with_name(small_mirror.archive.name + ".sha256")
+    assert sidecar.read_text() == f"{file_digest(small_mirror.archive, 'sha256')}  {small_mirror.archive.name}\n"
+    subprocess.run(["sha256sum", "--check", "--quiet", sidecar.name], cwd=sidecar.parent, check=True)
+
+
+def test_rebuild_is_skipped_and_a_tampered_archive_is_rebuilt(tmp_path):
+    params = mirror_params(patches=3, seed=1, include_real=False)
+    first = build_mirror(out=tmp_path, params=params)
+    assert not first.skipped
+    assert build_mirror(out=tmp_path, params=params).skipped
+    first.archive.write_bytes(b"garbage")
+    rebuilt = build_mirror(out=tmp_path, params=params)
+    assert not rebuilt.skipped and rebuilt.sha256 == first.sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [archive_name(3, 1), f"{archive_name(3, 1)}.sha256", f"{archive_name(3, 1)}.contents.json"]
+    )
+
+
+def test_no_real_leaves_out_the_example_patches(tmp_path):
+    result = build_mirror(out=tmp_path, params=mirror_params(patches=4, seed=2, include_real=False))
+    assert len(result.patch_ids) == 4
+
+
+def test_faults_are_recorded_and_each_lands_on_its_own_patch(faulty_mirror):
+    faults = faulty_mirror.faults
+    assert sorted(v.split(":")[0] for v in faults.values()) == sorted(Fault)
+    assert faulty_mirror.archive.name.endswith("-faulty.tar.gz")
+    copy, kind = next((p, k) for p, k in faults.items() if k.startswith("duplicate_patch"))
+    original = kind.split(":")[1]
+    files = _members(faulty_mirror.archive)
+    top = faulty_mirror.archive.name.removesuffix(".tar.gz")
+    for band in ben.BANDS:
+        assert (
+            files[f"{top}/{copy}/{ben.band_file(copy, band)}"]
+            == files[f"{top}/{original}/{ben.band_file(original, band)}"]
+        )
+
+
+def test_parse_faults():
+    assert parse_faults(["missing_band", "corrupt_band=2", "missing_band"]) == {
+        Fault.MISSING_BAND: 2,
+        Fault.CORRUPT_BAND: 2,
+    }
+    with pytest.raises(ConfigError, match="unknown fault; choose from"):
+        parse_faults(["broken_everything"])
+    with pytest.raises(ConfigError, match="COUNT must be a positive integer"):
+        parse_faults(["missing_band=0"])
+
+
+def test_more_faults_than_patches_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="3 faults asked for but only 2"):
+        build_mirror(out=tmp_path, params=mirror_params(patches=2, seed=1), faults={Fault.MISSING_BAND: 3})
+
+
+def test_cli_prints_the_archive_path(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "tasks.mirror", "--out", str(tmp_path), "--patches", "3", "--seed", "9", "--no-real"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip() == str(tmp_path / archive_name(3, 9))
+    bad = subprocess.run(
+        [sys.executable, "-m", "tasks.mirror", "--out", str(tmp_path), "--fault", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "unknown fault" in bad.stderr and "Traceback" not in bad.stderr
