@@ -28,7 +28,7 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 setup: $(VENV)/.synced
 
 demo: setup
-	$(PY) -m tasks.demo
+	$(PY) demo/run.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -38,7 +38,7 @@ test: lint
 	$(VENV)/bin/pytest
 
 bench: setup
-	$(PY) -m bench.run_all
+	$(PY) -m bench.ingest
 
 clean:
 	rm -rf $(LOCAL)/data $(LOCAL)/gcs test-artifacts

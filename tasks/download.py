@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import tarfile
 import urllib.parse
 import urllib.request
@@ -229,6 +230,8 @@ def download(*, url: str, dest: Path, checksum: Checksum, params: DownloadParams
     # The manifest means "complete"; a stale one must not outlive a rerun that fails half-way.
     manifest_path.unlink(missing_ok=True)
     if not _verified_archive(archive, checksum):
+        # Whatever is extracted belongs to an earlier request; leaving it would pass for this one's output.
+        shutil.rmtree(dest / EXTRACTED_DIR, ignore_errors=True)
         _fetch(src, archive, checksum, params)
     members = _extract(archive, dest / EXTRACTED_DIR, compression)
     root = _dataset_root(dest / EXTRACTED_DIR)
@@ -414,8 +417,8 @@ class _Part:
         self.size = 0
 
     @contextlib.contextmanager
-    def appending(self, url: str, total: int | None) -> Iterator[_Sink]:
-        with self.path.open("ab") as f, _bar(total, self.size, PurePosixPath(url).name) as bar:
+    def appending(self, total: int | None) -> Iterator[_Sink]:
+        with self.path.open("ab") as f, _bar(total, self.size, self.path.name.removesuffix(PART_SUFFIX)) as bar:
             yield _Sink(self, f, bar)
 
 
@@ -491,6 +494,13 @@ _HTTP_TRANSIENT = (
 )
 
 
+def _describe(exc: BaseException) -> str:
+    """One line naming the error: servers' HTML error pages end up in exception text and the CLI reports
+    errors on a single line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}{'…' if len(text) > 300 else ''}"
+
+
 def _http_timeout(params: DownloadParams) -> tuple[float, float]:
     return (params.timeout_seconds, params.timeout_seconds)
 
@@ -548,13 +558,13 @@ def _http_attempt(
                 part.record(state)
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-            with part.appending(url, total) as sink:
+            with part.appending(total) as sink:
                 for chunk in response.iter_content(chunk_size=params.chunk_bytes):
                     sink.write(chunk)
     except _HTTP_TRANSIENT as exc:
-        raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
+        raise _TransientError(_describe(exc)) from exc
     except requests.RequestException as exc:
-        raise DownloadError(f"{url}: {exc}") from exc
+        raise DownloadError(f"{url}: {_describe(exc)}") from exc
     if total is not None and part.size != total:
         raise _TransientError(f"connection ended after {part.size} of {total} bytes")
 
@@ -589,9 +599,9 @@ def _http_read_small(session: requests.Session, url: str, params: DownloadParams
                     raise DownloadError(f"{url}: larger than {_MAX_CHECKSUM_FILE_BYTES} bytes; not a checksum file")
             return data
     except _HTTP_TRANSIENT as exc:
-        raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
+        raise _TransientError(_describe(exc)) from exc
     except requests.RequestException as exc:
-        raise DownloadError(f"{url}: {exc}") from exc
+        raise DownloadError(f"{url}: {_describe(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -608,9 +618,9 @@ def _gcs_errors(url: str) -> Iterator[None]:
         auth.TransportError,
         *_HTTP_TRANSIENT,
     ) as exc:
-        raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
+        raise _TransientError(_describe(exc)) from exc
     except (api.GoogleAPICallError, auth.GoogleAuthError, requests.RequestException) as exc:
-        raise DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        raise DownloadError(f"{url}: {_describe(exc)}") from exc
 
 
 def _gcs_attempt(client: Any, url: str, part: _Part, state: dict[str, Any], params: DownloadParams) -> None:
@@ -634,7 +644,7 @@ def _gcs_attempt(client: Any, url: str, part: _Part, state: dict[str, Any], para
         if part.size < total:
             # Pinning the generation makes GCS fail rather than serve bytes of a newer object mid-download.
             pinned = bucket.blob(blob_name, generation=generation)
-            with part.appending(url, total) as sink:
+            with part.appending(total) as sink:
                 # retry=None: retries are ours (tenacity), so backoff and resume work alike for every scheme.
                 pinned.download_to_file(
                     sink,
@@ -677,7 +687,7 @@ def _file_attempt(path: Path, url: str, part: _Part, state: dict[str, Any], para
     state.update(version)
     part.record(state)
     try:
-        with path.open("rb") as f, part.appending(url, stat.st_size) as sink:
+        with path.open("rb") as f, part.appending(stat.st_size) as sink:
             f.seek(part.size)
             for chunk in iter(lambda: f.read(params.chunk_bytes), b""):
                 sink.write(chunk)

@@ -31,7 +31,8 @@ class LoopbackHTTP:
     drop_after: the next GET response stops after this many body bytes and the connection is closed
         (a download killed mid-way); one-shot.
     ignore_range: answer every request with 200 and the whole file, as servers without Range support do.
-    fail_next: statuses (e.g. 503) to answer the next requests with, one per request.
+    fail_next: statuses (e.g. 503) to answer the next requests with, one per request; only requests whose
+        path starts with `fail_prefix` count (clients such as google-cloud-storage send side requests).
     """
 
     root: Path
@@ -39,6 +40,7 @@ class LoopbackHTTP:
     drop_after: int | None = None
     ignore_range: bool = False
     fail_next: list[int] = field(default_factory=list)
+    fail_prefix: str = "/"
     requests: list[SeenRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,7 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.state
         with state.lock:
             state.requests.append(SeenRequest(self.path, self.headers.get("Range"), self.headers.get("If-Range")))
-            status = state.fail_next.pop(0) if state.fail_next else None
+            failing = state.fail_next and self.path.startswith(state.fail_prefix)
+            status = state.fail_next.pop(0) if failing else None
             drop_after, state.drop_after = state.drop_after, None
         if status is not None:
             self.send_error(status)
