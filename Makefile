@@ -1,7 +1,8 @@
 # The two commands a newcomer types are `make demo` and `make test`; both set up .venv from uv.lock first.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-PYTHON_VERSION := 3.11
+# tarfile extraction filters (PEP 706), which tasks.download relies on, arrived in 3.11.4.
+PYTHON_VERSION := >=3.11.4,<3.12
 # uv from PATH, else a private copy installed under .local/ (no root, no system changes).
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.local/tools/bin/uv)
 VENV := .venv
