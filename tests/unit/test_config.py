@@ -10,8 +10,9 @@ from tasks.validate import ValidateParams
 
 def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.download import DownloadParams
+    from tasks.tile import TileParams
 
-    models = {"mirror": MirrorParams, "download": DownloadParams, "validate": ValidateParams}
+    models = {"mirror": MirrorParams, "download": DownloadParams, "validate": ValidateParams, "tile": TileParams}
     assert set(read_params_file(DEFAULT_PARAMS)) == set(models)
     for section, model in models.items():
         assert isinstance(load_section(section, model), model)

@@ -1,0 +1,348 @@
+"""Turn validated BigEarthNet-S2 patches into training-ready band shards, a metadata table and band statistics.
+
+Output directory:
+- `metadata.parquet`: one row per patch (labels, cloud, snow, season, country, acquisition date, tile source,
+  coordinates), built from the JSON files in batches with `dask.dataframe.from_map`;
+- `shards/shard-NNNNN.npy`: uint16 arrays of shape (n, 120, 120, C), memory-mappable, channel order in `tiles.json`
+  (default C = 3: B04, B03, B02 = red, green, blue; `all`: the 12 bands, 20 m and 60 m upsampled to 120 px);
+- `index.parquet`: patch_id → (shard, offset);
+- `stats.json`: per-band count, mean, std, min, max over all patches and per class (cloud / no_cloud);
+- `tiles.json`: what was built from what (band order, shapes, counts, skipped patches, params, input fingerprint).
+Quarantined patches (from the validation report) are skipped and listed in `tiles.json`.
+Work runs on a Dask cluster: a LocalCluster, or the one at DASK_SCHEDULER_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import tifffile
+from pydantic import Field
+from tqdm import tqdm
+
+from tasks import bigearthnet as ben
+from tasks import cli
+from tasks.config import StepParams, load_section
+from tasks.errors import CloudscreenError
+from tasks.storage import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "tiles.json"
+METADATA_FILE = "metadata.parquet"
+INDEX_FILE = "index.parquet"
+STATS_FILE = "stats.json"
+SHARD_DIR = "shards"
+PATCH_PX = 120
+CHANNELS: dict[str, tuple[str, ...]] = {"rgb": ben.RGB_BANDS, "all": ben.BANDS}
+CLASSES = {"cloud": True, "no_cloud": False}
+
+
+class TileParams(StepParams):
+    bands: Literal["rgb", "all"]
+    shard_patches: int = Field(ge=1)
+    shard_max_mb: int = Field(ge=1)
+    metadata_batch: int = Field(ge=1)
+    workers: int = Field(ge=1)
+
+
+class TilingError(CloudscreenError):
+    """The patches or the validation report cannot be tiled as asked."""
+
+
+@dataclass(frozen=True)
+class TileResult:
+    out: Path
+    patches: int
+    shards: int
+    skipped: bool  # an identical earlier run's output was reused
+
+
+# --- work done on the Dask workers --------------------------------------------------------------------------------
+
+
+def _read_metadata_batch(folders: list[str]) -> pd.DataFrame:
+    rows = []
+    for folder in folders:
+        patch_id = Path(folder).name
+        data = json.loads((Path(folder) / ben.metadata_file(patch_id)).read_bytes())
+        coords = data["coordinates"]
+        rows.append(
+            {
+                "patch_id": patch_id,
+                "labels": list(data["labels"]),
+                "acquisition_date": data["acquisition_date"],
+                "tile_source": data["tile_source"],
+                "ulx": float(coords["ulx"]),
+                "uly": float(coords["uly"]),
+                "lrx": float(coords["lrx"]),
+                "lry": float(coords["lry"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(_METADATA_META))
+
+
+_METADATA_META = {
+    "patch_id": "object",
+    "labels": "object",
+    "acquisition_date": "object",
+    "tile_source": "object",
+    "ulx": "float64",
+    "uly": "float64",
+    "lrx": "float64",
+    "lry": "float64",
+}
+
+
+def _read_patch(folder: Path, channels: tuple[str, ...]) -> np.ndarray:
+    """(120, 120, C) uint16; coarser bands are repeated up to 120 px (nearest neighbour keeps values exact)."""
+    patch_id = folder.name
+    out = np.empty((PATCH_PX, PATCH_PX, len(channels)), dtype=np.uint16)
+    for c, band in enumerate(channels):
+        array = tifffile.imread(folder / ben.band_file(patch_id, band))
+        factor = PATCH_PX // array.shape[0]
+        out[..., c] = array if factor == 1 else array.repeat(factor, axis=0).repeat(factor, axis=1)
+    return out
+
+
+class _Moments:
+    """Exact per-channel count, sum, sum of squares, min and max; merging two is exact too (Python integers)."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = 0
+        self.total = [0] * channels
+        self.squares = [0] * channels
+        self.low = [None] * channels
+        self.high = [None] * channels
+
+    def add(self, patch: np.ndarray) -> None:
+        # int64 cannot overflow: a patch holds 14,400 values per channel of at most 65,535² each.
+        flat = patch.reshape(-1, patch.shape[-1]).astype(np.int64)
+        self.count += flat.shape[0]
+        for c, (s, q, lo, hi) in enumerate(zip(flat.sum(0), (flat * flat).sum(0), flat.min(0), flat.max(0),
+                                               strict=True)):  # fmt: skip
+            self.total[c] += int(s)
+            self.squares[c] += int(q)
+            self.low[c] = int(lo) if self.low[c] is None else min(self.low[c], int(lo))
+            self.high[c] = int(hi) if self.high[c] is None else max(self.high[c], int(hi))
+
+    def merge(self, other: _Moments) -> _Moments:
+        merged = _Moments(len(self.total))
+        merged.count = self.count + other.count
+        for c in range(len(self.total)):
+            merged.total[c] = self.total[c] + other.total[c]
+            merged.squares[c] = self.squares[c] + other.squares[c]
+            lows = [v for v in (self.low[c], other.low[c]) if v is not None]
+            highs = [v for v in (self.high[c], other.high[c]) if v is not None]
+            merged.low[c] = min(lows) if lows else None
+            merged.high[c] = max(highs) if highs else None
+        return merged
+
+    def describe(self, channels: tuple[str, ...]) -> dict[str, Any] | None:
+        if not self.count:
+            return None
+        n = self.count
+        return {
+            band: {
+                "count": n,
+                "mean": self.total[c] / n,
+                # Exact integer arithmetic up to the final division: no cancellation at any scale.
+                "std": math.sqrt((self.squares[c] * n - self.total[c] ** 2) / n**2),
+                "min": self.low[c],
+                "max": self.high[c],
+            }
+            for c, band in enumerate(channels)
+        }
+
+
+def _write_shard(path: str, folders: list[str], cloud: list[bool], channels: tuple[str, ...]) -> dict[str, _Moments]:
+    """Fill one shard file (inside the output's temporary directory) and return its per-class moments."""
+    shape = (len(folders), PATCH_PX, PATCH_PX, len(channels))
+    shard = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=shape)
+    moments = {name: _Moments(len(channels)) for name in CLASSES}
+    for i, (folder, is_cloud) in enumerate(zip(folders, cloud, strict=True)):
+        patch = _read_patch(Path(folder), channels)
+        shard[i] = patch
+        moments["cloud" if is_cloud else "no_cloud"].add(patch)
+    shard.flush()
+    del shard
+    return moments
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _dask_client(workers: int) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    address = os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        log.info("using the Dask cluster at %s", address)
+        with Client(address) as client:
+            yield client
+        return
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _quarantined(report: Path | None, patches: Path) -> set[str]:
+    if report is None:
+        return set()
+    try:
+        data = json.loads(report.read_text())
+        ids = {item["patch_id"] for item in data["quarantined"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TilingError(f"{report}: not a readable validation report ({exc})") from exc
+    root = data.get("input", {}).get("root")
+    if root and Path(root).resolve() != patches.resolve():
+        raise TilingError(f"{report}: the report is for {root}, not {patches}")
+    if not data.get("success", True):
+        raise TilingError(f"{report}: validation of this snapshot failed; fix or re-validate before tiling")
+    return ids
+
+
+def _fingerprint(folders: list[Path], report: Path | None, params: TileParams) -> str:
+    h = hashlib.sha256(params.model_dump_json().encode())
+    h.update(report.read_bytes() if report else b"no report")
+    for folder in folders:
+        st = folder.stat()
+        h.update(f"{folder}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _annotate(metadata: pd.DataFrame) -> pd.DataFrame:
+    """Add official list memberships and the name table's season and country."""
+    names = ben.name_table()
+    metadata = metadata.sort_values("patch_id", ignore_index=True)
+    metadata["cloud"] = metadata["patch_id"].isin(ben.cloud_and_shadow_patches())
+    metadata["snow"] = metadata["patch_id"].isin(ben.seasonal_snow_patches())
+    joined = names.reindex(metadata["patch_id"])
+    metadata["season"] = joined["season"].to_numpy()
+    metadata["country"] = joined["country"].to_numpy()
+    return metadata
+
+
+def _stats(moments: dict[str, _Moments], channels: tuple[str, ...]) -> dict[str, Any]:
+    overall = _Moments(len(channels))
+    for m in moments.values():
+        overall = overall.merge(m)
+    return {
+        "channels": list(channels),
+        "all": overall.describe(channels),
+        **{name: m.describe(channels) for name, m in moments.items()},
+    }
+
+
+def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = None) -> TileResult:
+    """Tile every patch folder under `patches` not quarantined by `report` into `out` (replaced atomically).
+
+    Raises:
+        TilingError: no patch folders, an unreadable or failed validation report, or a report for another root.
+    """
+    skip = _quarantined(report, patches)
+    folders = sorted(p for p in patches.iterdir() if p.is_dir() and p.name not in skip) if patches.is_dir() else []
+    if not folders:
+        raise TilingError(f"{patches}: no patch folders to tile")
+    channels = CHANNELS[params.bands]
+    fingerprint = _fingerprint(folders, report, params)
+    manifest_path = out / MANIFEST_FILE
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+        log.info("%s is up to date for %s, not tiling again", out, patches)
+        manifest = json.loads(manifest_path.read_text())
+        return TileResult(out, manifest["patches"], len(manifest["shards"]), skipped=True)
+
+    bytes_per_patch = PATCH_PX * PATCH_PX * len(channels) * 2
+    per_shard = max(1, min(params.shard_patches, params.shard_max_mb * 2**20 // bytes_per_patch))
+    log.info("tiling %d patches (%d quarantined skipped) from %s into %s: bands %s, %d patches per shard",
+             len(folders), len(skip), patches, out, "/".join(channels), per_shard)  # fmt: skip
+
+    import dask
+    import dask.dataframe as dd
+
+    with _dask_client(params.workers) as client, atomic_dir(out) as tmp:
+        batches = [[str(f) for f in folders[i : i + params.metadata_batch]]
+                   for i in range(0, len(folders), params.metadata_batch)]  # fmt: skip
+        # Without this, dask turns object columns (the label lists) into strings.
+        with dask.config.set({"dataframe.convert-string": False}):
+            metadata = _annotate(dd.from_map(_read_metadata_batch, batches, meta=_METADATA_META).compute())
+        cloud = dict(zip(metadata["patch_id"], metadata["cloud"], strict=True))
+
+        (tmp / SHARD_DIR).mkdir()
+        shard_names, sizes, index = [], {}, []
+        for n, start in enumerate(range(0, len(folders), per_shard)):
+            group = folders[start : start + per_shard]
+            name = f"shard-{n:05d}.npy"
+            shard_names.append(name)
+            index += [(f.name, f"{SHARD_DIR}/{name}", i) for i, f in enumerate(group)]
+            future = client.submit(_write_shard, str(tmp / SHARD_DIR / name), [str(f) for f in group],
+                                   [bool(cloud[f.name]) for f in group], channels, pure=False)  # fmt: skip
+            sizes[future] = len(group)
+        from distributed import as_completed
+
+        moments = {name: _Moments(len(channels)) for name in CLASSES}
+        with tqdm(total=len(folders), unit="patch", desc="tile", disable=None) as bar:
+            for future in as_completed(sizes):
+                for name, m in future.result().items():
+                    moments[name] = moments[name].merge(m)
+                bar.update(sizes[future])
+
+        metadata.to_parquet(tmp / METADATA_FILE, index=False)
+        pd.DataFrame(index, columns=["patch_id", "shard", "offset"]).to_parquet(tmp / INDEX_FILE, index=False)
+        write_json(tmp / STATS_FILE, _stats(moments, channels))
+        manifest = {
+            "patches": len(folders),
+            "channels": list(channels),
+            "channel_meaning": "red, green, blue" if params.bands == "rgb" else "Sentinel-2 bands in this order",
+            "dtype": "uint16",
+            "shape_per_patch": [PATCH_PX, PATCH_PX, len(channels)],
+            "shards": [f"{SHARD_DIR}/{name}" for name in shard_names],
+            "skipped_quarantined": sorted(skip),
+            "source": str(patches.resolve()),
+            "validation_report": str(report.resolve()) if report else None,
+            "params": params.model_dump(),
+            "fingerprint": fingerprint,
+        }
+        write_json(tmp / MANIFEST_FILE, manifest)
+    log.info("tiled %d patches into %d shards under %s", len(folders), len(shard_names), out)
+    return TileResult(out, len(folders), len(shard_names), skipped=False)
+
+
+def load_patches(out: Path, patch_ids: list[str]) -> np.ndarray:
+    """Read patches back from their memory-mapped shards (n, 120, 120, C), in the order asked."""
+    index = pd.read_parquet(out / INDEX_FILE).set_index("patch_id")
+    rows = index.loc[patch_ids]
+    shards = {name: np.load(out / name, mmap_mode="r") for name in rows["shard"].unique()}
+    return np.stack([shards[s][o] for s, o in zip(rows["shard"], rows["offset"], strict=True)])
+
+
+def main() -> None:
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--patches", type=Path, required=True, help="dataset root: one folder per patch")
+    p.add_argument("--out", type=Path, required=True, help="output directory for this snapshot's tiles")
+    p.add_argument("--report", type=Path, help="validation report.json: its quarantined patches are skipped")
+    p.add_argument("--bands", choices=sorted(CHANNELS), help="rgb or all (default: params tile.bands)")
+    args = p.parse_args()
+    cli.configure_logging(args.verbose)
+    overrides = [*args.overrides, *([f"tile.bands={args.bands}"] if args.bands else [])]
+    params = load_section("tile", TileParams, args.params, overrides)
+    result = tile(patches=args.patches, out=args.out, params=params, report=args.report)
+    print(result.out)
+
+
+if __name__ == "__main__":
+    cli.run(main)
