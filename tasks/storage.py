@@ -60,7 +60,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             tmp.replace(final)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            # Rename before deleting: writers still running elsewhere (Dask tasks on other processes) address files
+            # by the old path, so they can no longer create anything in the tree while it is being removed.
+            doomed = tmp.with_name(tmp.name + ".failed")
+            tmp.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def file_digest(path: Path, algorithm: str) -> str:

@@ -313,12 +313,16 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
             sizes[future] = len(group)
 
         moments = {name: _Moments(len(channels)) for name in CLASSES}
-        with tqdm(total=len(folders), unit="patch", desc="tile", disable=None) as bar:
-            for future in as_completed(sizes):
-                for name, m in future.result().items():
-                    moments[name] = moments[name].merge(m)
-                bar.update(sizes[future])
-        metadata = _annotate(metadata_future.result())
+        try:
+            with tqdm(total=len(folders), unit="patch", desc="tile", disable=None) as bar:
+                for future in as_completed(sizes):
+                    for name, m in future.result().items():
+                        moments[name] = moments[name].merge(m)
+                    bar.update(sizes[future])
+            metadata = _annotate(metadata_future.result())
+        except BaseException:
+            client.cancel([*sizes, metadata_future])  # don't leave the cluster busy with a failed run
+            raise
 
         metadata.to_parquet(tmp / METADATA_FILE, index=False)
         pd.DataFrame(index, columns=["patch_id", "shard", "offset"]).to_parquet(tmp / INDEX_FILE, index=False)
