@@ -2,7 +2,9 @@
 
 Builds the BigEarthNet-format mirror described by params.yaml (`mirror`), serves it over HTTP on a random loopback
 port the way the official archive is served, downloads it with tasks.download (checksum from the served .sha256),
-validates it with tasks.validate, and prints where everything went. Re-running is cheap: every stage skips work
+validates it with tasks.validate, tiles it with tasks.tile on a Dask LocalCluster, draws the small and large sets
+with tasks.sample, pushes the snapshot's data version to the DVC remote in the local GCS emulator's bucket
+(persisted under .local/gcs), and prints where everything went. Re-running is cheap: every stage skips work
 that is already complete.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import http.server
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,7 +22,11 @@ from tasks.cli import configure_logging
 from tasks.config import load_section
 from tasks.download import DownloadParams, download, resolve_request
 from tasks.mirror import MirrorParams, build_mirror
+from tasks.sample import DATASETS, SampleParams, sample
+from tasks.storage import local_gcs_emulator
+from tasks.tile import TileParams, tile
 from tasks.validate import DATA_DOCS_INDEX, ValidateParams, validate
+from tasks.versioning import VersioningParams, push
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / ".local" / "data"
@@ -60,6 +67,31 @@ def main() -> None:
         patches=fetched.root, out=DATA / "validated" / SNAPSHOT, params=load_section("validate", ValidateParams)
     )
     report = validated.report
+    if not validated.success:
+        raise SystemExit(f"validation failed: see {validated.report_path} and its Data Docs")
+    tiles = tile(
+        patches=fetched.root,
+        out=DATA / "tiles" / SNAPSHOT,
+        params=load_section("tile", TileParams),
+        report=validated.report_path,
+    )
+    sample_params = load_section("sample", SampleParams)
+    sets = {name: sample(tiles=tiles.out, out=DATA / "samples" / SNAPSHOT, dataset=name, params=sample_params)
+            for name in DATASETS}  # fmt: skip
+    versioning = load_section("versioning", VersioningParams)
+    with local_gcs_emulator(
+        versioning.remote.removeprefix("gs://").split("/")[0], data_dir=REPO / ".local" / "gcs"
+    ) as emulator:
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator
+        pushed = push(snapshot=SNAPSHOT, tiles=tiles.out, samples=DATA / "samples" / SNAPSHOT,
+                      out=DATA / "versions" / SNAPSHOT, params=versioning)  # fmt: skip
+        del os.environ["STORAGE_EMULATOR_HOST"]
+    set_lines = "\n".join(
+        f"  {name:<11} {s.summary['patches']} patches ({_splits(s.summary['counts'])}); natural set "
+        f"{s.summary['natural']['patches']} at prevalence {s.summary['natural']['prevalence']:.4f}\n"
+        f"              {s.manifest_path}"
+        for name, s in sets.items()
+    )
     print(
         f"""
 cloudscreen demo — snapshot {SNAPSHOT!r}, {time.monotonic() - started:.0f} s
@@ -71,10 +103,17 @@ cloudscreen demo — snapshot {SNAPSHOT!r}, {time.monotonic() - started:.0f} s
 suite {"passed" if report["suite_success"] else "FAILED"}
   report      {validated.report_path}
   Data Docs   file://{validated.report_path.parent / DATA_DOCS_INDEX}
+  tiles       {tiles.out}  ({tiles.patches} patches in {tiles.shards} shards, R G B)
+{set_lines}
+  data version {pushed.data.version}  (in {pushed.remote}, local GCS emulator under .local/gcs)
+              restore: python -m tasks.versioning restore --version {pushed.data.version} --dest DIR
+              (with STORAGE_EMULATOR_HOST pointing at an emulator serving .local/gcs)
 """
     )
-    if not validated.success:
-        raise SystemExit("validation failed: see the report and Data Docs above")
+
+
+def _splits(counts: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{split} {sum(by_class.values())}" for split, by_class in counts.items())
 
 
 if __name__ == "__main__":

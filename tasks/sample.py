@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow.dataset
 from pydantic import Field, model_validator
 
 from tasks import cli
 from tasks.config import StepParams, load_section
 from tasks.errors import CloudscreenError, ConfigError
-from tasks.storage import atomic_dir, file_digest, write_json
+from tasks.storage import atomic_dir, path_digest, write_json
 from tasks.tile import INDEX_FILE, METADATA_FILE
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def build_sets(metadata: pd.DataFrame, params: SampleParams) -> dict[str, pd.Dat
 
 
 def _read_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> pd.DataFrame:
-    names = pq.read_schema(path).names
+    names = pyarrow.dataset.dataset(path, format="parquet").schema.names  # a file or a partitioned directory
     missing = [c for c in required if c not in names]
     if missing:
         raise SampleError(f"{path}: lacks column(s) {', '.join(missing)}")
@@ -275,7 +275,7 @@ def _read_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...]
 
 
 def _fingerprint(metadata: Path, index: Path, dataset: str, params: SampleParams) -> dict[str, str]:
-    digests = {"metadata_sha256": file_digest(metadata, "sha256"), "index_sha256": file_digest(index, "sha256")}
+    digests = {"metadata_sha256": path_digest(metadata, "sha256"), "index_sha256": path_digest(index, "sha256")}
     h = hashlib.sha256(f"{dataset}\n{params.model_dump_json()}\n".encode())
     h.update(json.dumps(digests, sort_keys=True).encode())
     return {"fingerprint": h.hexdigest(), **digests}
@@ -324,7 +324,7 @@ def sample(*, tiles: Path, out: Path, dataset: str, params: SampleParams) -> Sam
         raise ConfigError(f"dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
     metadata_path, index_path = tiles / METADATA_FILE, tiles / INDEX_FILE
     for path in (metadata_path, index_path):
-        if not path.is_file():
+        if not path.exists():  # a file, or (metadata) a directory of parquet parts
             raise SampleError(f"{path}: not found (expected the tile step's output)")
     target = out / dataset
     result_paths = (target / MANIFEST_FILE, target / NATURAL_FILE, target / SUMMARY_FILE)
@@ -364,7 +364,7 @@ def sample(*, tiles: Path, out: Path, dataset: str, params: SampleParams) -> Sam
         },
         "seed": params.seed,
         "params": params.model_dump(),
-        "input": {"tiles": str(tiles.resolve()), **fingerprint},
+        "input": fingerprint,  # content hashes only: the same tiles give the same bytes here, wherever they are
         "outputs": {"manifest": MANIFEST_FILE, "natural": NATURAL_FILE},
     }
     with atomic_dir(target) as tmp:

@@ -76,6 +76,31 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def path_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, or of a directory tree (relative names and file digests, in sorted order)."""
+    if not path.is_dir():
+        return file_digest(path, algorithm)
+    h = hashlib.new(algorithm)
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{item.relative_to(path).as_posix()}:{file_digest(item, algorithm)}\n".encode())
+    return h.hexdigest()
+
+
+def folders_fingerprint(folders: list[Path], *extra: bytes) -> str:
+    """Identity of a set of patch folders, cheap to recompute: name, size and modification time of every file.
+
+    `extra` (params, upstream reports) is mixed in, so a change there counts as a change of input too.
+    """
+    h = hashlib.sha256()
+    for item in extra:
+        h.update(hashlib.sha256(item).digest())
+    for folder in folders:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            st = entry.stat()
+            h.update(f"{folder.name}/{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def gcs_client():
     """A google-cloud-storage client; honours STORAGE_EMULATOR_HOST (anonymous) and otherwise uses ADC.
 
@@ -91,6 +116,38 @@ def gcs_client():
             credentials=AnonymousCredentials(),
         )
     return storage.Client()
+
+
+@contextlib.contextmanager
+def local_gcs_emulator(bucket: str, data_dir: Path | None = None, start_timeout: float = 10.0) -> Iterator[str]:
+    """Run gcp-storage-emulator on a free loopback port (in memory, or persisted under `data_dir`) with `bucket`
+    created; yield its URL for STORAGE_EMULATOR_HOST. For the embedded default and tests, never production."""
+    import socket
+    import threading
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = create_server(
+        "127.0.0.1",
+        port,
+        in_memory=data_dir is None,
+        default_bucket=bucket,
+        data_dir=str(data_dir) if data_dir else None,
+    )
+    # Server.start() waits forever when the port was taken in the meantime (the bind error dies with its thread),
+    # so start it from a helper thread and give up after a while instead of hanging.
+    starter = threading.Thread(target=server.start, name="gcs-emulator-start", daemon=True)
+    starter.start()
+    starter.join(timeout=start_timeout)
+    if starter.is_alive():
+        raise RuntimeError(f"gcp-storage-emulator did not start on 127.0.0.1:{port}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
 
 
 def split_gs_url(url: str) -> tuple[str, str]:

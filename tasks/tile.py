@@ -7,7 +7,8 @@ Output directory:
   (default C = 3: B04, B03, B02 = red, green, blue; `all`: the 12 bands, 20 m and 60 m upsampled to 120 px);
 - `index.parquet`: patch_id → (shard, offset);
 - `stats.json`: per-band count, mean, std, min, max over all patches and per class (cloud / no_cloud);
-- `tiles.json`: what was built from what (band order, shapes, counts, skipped patches, params, input fingerprint).
+- `tiles.json`: band order, shapes, counts, shard list, skipped patches, params; nothing tied to where or when it ran
+  (that goes to the `.<out>.state.json` file beside the output, used to skip unchanged re-runs).
 Quarantined patches (from the validation report) are skipped and listed in `tiles.json`.
 Work runs on a Dask cluster: a LocalCluster, or the one at DASK_SCHEDULER_ADDRESS.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +36,7 @@ from tasks import cli
 from tasks.bands import BandReader
 from tasks.config import StepParams, load_section
 from tasks.errors import CloudscreenError
-from tasks.storage import atomic_dir, write_json
+from tasks.storage import atomic_dir, folders_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ class TileResult:
 # --- work done on the Dask workers --------------------------------------------------------------------------------
 
 
-def _read_metadata_batch(folders: list[str]) -> pd.DataFrame:
+def _read_metadata_batch(folders: list[str], known: dict[str, list[Any]]) -> pd.DataFrame:
+    """One partition of metadata.parquet: the JSON files of `folders`, plus columns the driver already knows
+    (official list memberships, season, country) in the same order."""
     rows = []
     for folder in folders:
         patch_id = Path(folder).name
@@ -91,10 +93,13 @@ def _read_metadata_batch(folders: list[str]) -> pd.DataFrame:
                 "lry": float(coords["lry"]),
             }
         )
-    return pd.DataFrame(rows, columns=list(_METADATA_META))
+    frame = pd.DataFrame(rows, columns=list(_JSON_COLUMNS))
+    for column, values in known.items():
+        frame[column] = pd.Series(values, dtype=_KNOWN_COLUMNS[column], index=frame.index)
+    return frame
 
 
-_METADATA_META = {
+_JSON_COLUMNS = {
     "patch_id": "object",
     "labels": "object",
     "acquisition_date": "object",
@@ -104,6 +109,36 @@ _METADATA_META = {
     "lrx": "float64",
     "lry": "float64",
 }
+_KNOWN_COLUMNS = {"cloud": "bool", "snow": "bool", "season": "object", "country": "object"}
+
+
+def _metadata_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("patch_id", pa.string()),
+            ("labels", pa.list_(pa.string())),
+            ("acquisition_date", pa.string()),
+            ("tile_source", pa.string()),
+            *((name, pa.float64()) for name in ("ulx", "uly", "lrx", "lry")),
+            ("cloud", pa.bool_()),
+            ("snow", pa.bool_()),
+            ("season", pa.string()),
+            ("country", pa.string()),
+        ]
+    )
+
+
+def _known_columns(patch_ids: list[str]) -> dict[str, list[Any]]:
+    """Columns from the official lists and the name table, for a batch of patches."""
+    names = ben.name_table().reindex(patch_ids)
+    return {
+        "cloud": [p in ben.cloud_and_shadow_patches() for p in patch_ids],
+        "snow": [p in ben.seasonal_snow_patches() for p in patch_ids],
+        "season": names["season"].tolist(),
+        "country": names["country"].tolist(),
+    }
 
 
 @functools.cache
@@ -127,6 +162,20 @@ def _read_patch(folder: Path, channels: tuple[str, ...], out: np.ndarray | None 
     return out
 
 
+class _Rows:
+    """The rows `positions` of an array, sliced lazily: len() and [a:b] like an array, copying only the slice."""
+
+    def __init__(self, array: np.ndarray, positions: np.ndarray) -> None:
+        self.array, self.positions = array, positions
+        self.shape = (len(positions), *array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.array[self.positions[rows]]
+
+
 class _Moments:
     """Exact per-channel count, sum, sum of squares, min and max; merging two is exact too (Python integers)."""
 
@@ -138,19 +187,25 @@ class _Moments:
         self.high = [None] * channels
 
     @classmethod
-    def of(cls, pixels: np.ndarray) -> _Moments:
-        """Moments of (..., C) uint16 pixels, from one histogram per channel (a pass of np.bincount)."""
-        moments = cls(pixels.shape[-1])
-        if not pixels.size:
+    def of(cls, pixels: np.ndarray, block: int = 64) -> _Moments:
+        """Moments of (n, H, W, C) uint16 pixels, from one histogram per channel (np.bincount), built `block`
+        patches at a time so that temporaries stay a few MB whatever the shard size."""
+        channels = pixels.shape[-1]
+        counts = np.zeros((channels, 65536), dtype=np.int64)
+        for start in range(0, len(pixels), block):
+            chunk = pixels[start : start + block]
+            for c in range(channels):
+                counts[c] += np.bincount(chunk[..., c].ravel(), minlength=65536)
+        moments = cls(channels)
+        if not len(pixels):
             return moments
         values = np.arange(65536, dtype=np.int64)
-        for c in range(pixels.shape[-1]):
-            counts = np.bincount(pixels[..., c].ravel(), minlength=values.size)
-            present = np.flatnonzero(counts)
-            moments.count = int(counts.sum())
-            moments.total[c] = int(counts @ values)
+        for c in range(channels):
+            present = np.flatnonzero(counts[c])
+            moments.count = int(counts[c].sum())
+            moments.total[c] = int(counts[c] @ values)
             # Fits int64 for any shard: at most 2**31 pixels × 65,535² per channel.
-            moments.squares[c] = int(counts @ (values * values))
+            moments.squares[c] = int(counts[c] @ (values * values))
             moments.low[c], moments.high[c] = int(present[0]), int(present[-1])
         return moments
 
@@ -190,8 +245,9 @@ def _write_shard(path: str, folders: list[str], cloud: list[bool], channels: tup
     for i, folder in enumerate(folders):
         _read_patch(Path(folder), channels, out=shard[i])
     shard.flush()
+    # Each class's rows are taken lazily, so that _Moments.of copies one block of patches at a time.
     is_cloud = np.asarray(cloud, dtype=bool)
-    moments = {name: _Moments.of(np.asarray(shard[is_cloud == flag])) for name, flag in CLASSES.items()}
+    moments = {name: _Moments.of(_Rows(shard, np.flatnonzero(is_cloud == flag))) for name, flag in CLASSES.items()}
     del shard
     return moments
 
@@ -232,26 +288,10 @@ def _quarantined(report: Path | None, patches: Path) -> set[str]:
     return ids
 
 
-def _fingerprint(folders: list[Path], report: Path | None, params: TileParams) -> str:
-    h = hashlib.sha256(params.model_dump_json().encode())
-    h.update(report.read_bytes() if report else b"no report")
-    for folder in folders:
-        st = folder.stat()
-        h.update(f"{folder}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _annotate(metadata: pd.DataFrame) -> pd.DataFrame:
-    """Add official list memberships and the name table's season and country."""
-    names = ben.name_table()
-    metadata = metadata.sort_values("patch_id", ignore_index=True)
-    # Set lookups: pandas' isin on Arrow strings copies the whole 61,707-name snow list on every call.
-    metadata["cloud"] = [p in ben.cloud_and_shadow_patches() for p in metadata["patch_id"]]
-    metadata["snow"] = [p in ben.seasonal_snow_patches() for p in metadata["patch_id"]]
-    joined = names.reindex(metadata["patch_id"])
-    metadata["season"] = joined["season"].to_numpy()
-    metadata["country"] = joined["country"].to_numpy()
-    return metadata
+def state_path(out: Path) -> Path:
+    """Where a run records what it was built from (absolute paths, file times): beside the output, not in it,
+    so that the output (which DVC versions by content) is identical wherever and whenever identical data is tiled."""
+    return out.with_name(f".{out.name}.state.json")
 
 
 def _stats(moments: dict[str, _Moments], channels: tuple[str, ...]) -> dict[str, Any]:
@@ -276,12 +316,15 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
     if not folders:
         raise TilingError(f"{patches}: no patch folders to tile")
     channels = CHANNELS[params.bands]
-    fingerprint = _fingerprint(folders, report, params)
-    manifest_path = out / MANIFEST_FILE
-    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+    fingerprint = folders_fingerprint(
+        folders, params.model_dump_json().encode(), report.read_bytes() if report else b""
+    )
+    manifest_path, state = out / MANIFEST_FILE, state_path(out)
+    if manifest_path.exists() and state.exists() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
         log.info("%s is up to date for %s, not tiling again", out, patches)
         manifest = json.loads(manifest_path.read_text())
         return TileResult(out, manifest["patches"], len(manifest["shards"]), skipped=True)
+    state.unlink(missing_ok=True)
 
     bytes_per_patch = PATCH_PX * PATCH_PX * len(channels) * 2
     per_shard = max(1, min(params.shard_patches, params.shard_max_mb * 2**20 // bytes_per_patch))
@@ -297,9 +340,14 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
         # official list membership by name, not anything in the JSON files.
         batches = [[str(f) for f in folders[i : i + params.metadata_batch]]
                    for i in range(0, len(folders), params.metadata_batch)]  # fmt: skip
-        # Without this, dask turns object columns (the label lists) into strings.
+        known = [_known_columns([Path(f).name for f in batch]) for batch in batches]
+        # Workers write the partitions themselves: the driver never holds the whole table (590k rows at full scale).
+        # Without convert-string off, dask would turn the label lists into strings.
         with dask.config.set({"dataframe.convert-string": False}):
-            metadata_future = client.compute(dd.from_map(_read_metadata_batch, batches, meta=_METADATA_META))
+            metadata = dd.from_map(_read_metadata_batch, batches, known, meta={**_JSON_COLUMNS, **_KNOWN_COLUMNS})
+            metadata_future = client.compute(
+                metadata.to_parquet(tmp / METADATA_FILE, write_index=False, schema=_metadata_schema(), compute=False)
+            )
         clouds = ben.cloud_and_shadow_patches()
         (tmp / SHARD_DIR).mkdir()
         shard_names, sizes, index = [], {}, []
@@ -319,12 +367,11 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
                     for name, m in future.result().items():
                         moments[name] = moments[name].merge(m)
                     bar.update(sizes[future])
-            metadata = _annotate(metadata_future.result())
+            metadata_future.result()
         except BaseException:
             client.cancel([*sizes, metadata_future])  # don't leave the cluster busy with a failed run
             raise
 
-        metadata.to_parquet(tmp / METADATA_FILE, index=False)
         pd.DataFrame(index, columns=["patch_id", "shard", "offset"]).to_parquet(tmp / INDEX_FILE, index=False)
         write_json(tmp / STATS_FILE, _stats(moments, channels))
         manifest = {
@@ -335,12 +382,17 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
             "shape_per_patch": [PATCH_PX, PATCH_PX, len(channels)],
             "shards": [f"{SHARD_DIR}/{name}" for name in shard_names],
             "skipped_quarantined": sorted(skip),
-            "source": str(patches.resolve()),
-            "validation_report": str(report.resolve()) if report else None,
             "params": params.model_dump(),
-            "fingerprint": fingerprint,
         }
         write_json(tmp / MANIFEST_FILE, manifest)
+    write_json(
+        state,
+        {
+            "fingerprint": fingerprint,
+            "source": str(patches.resolve()),
+            "validation_report": str(report.resolve()) if report else None,
+        },
+    )
     log.info("tiled %d patches into %d shards under %s", len(folders), len(shard_names), out)
     return TileResult(out, len(folders), len(shard_names), skipped=False)
 

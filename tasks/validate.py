@@ -28,7 +28,7 @@ from tasks import bigearthnet as ben
 from tasks import cli
 from tasks.config import StepParams, load_section
 from tasks.errors import ValidationFailedError
-from tasks.storage import atomic_dir, write_json
+from tasks.storage import atomic_dir, folders_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -322,16 +322,6 @@ def _patch_folders(root: Path) -> tuple[list[Path], list[str]]:
     return folders, [p.name for p in others]
 
 
-def _fingerprint(folders: list[Path], params: ValidateParams) -> str:
-    """Identity of the inputs and params: names, sizes and modification times of every file."""
-    h = hashlib.sha256(params.model_dump_json().encode())
-    for folder in folders:
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            st = entry.stat()
-            h.update(f"{folder.name}/{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def _failure_summary(report: dict[str, Any]) -> str:
     problems = []
     if report["quarantined_fraction"] > report["max_bad_fraction"]:
@@ -359,7 +349,7 @@ def validate(*, patches: Path, out: Path, params: ValidateParams) -> ValidationR
         ValidationFailedError: `patches` is not a directory or holds no patch folders.
     """
     folders, ignored = _patch_folders(patches)
-    fingerprint = _fingerprint(folders, params)
+    fingerprint = folders_fingerprint(folders, params.model_dump_json().encode())
     report_path = out / REPORT_FILE
     if report_path.exists():
         previous = json.loads(report_path.read_text())

@@ -145,3 +145,38 @@ def test_a_crash_leaves_no_shard_under_a_final_name(small_mirror_root, tmp_path)
     with pytest.raises(Exception, match=r"not a TIFF|TiffFileError|invalid"):
         tile(patches=broken, out=tmp_path / "t", params=params(shard_patches=8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_identical_data_tiled_elsewhere_gives_identical_bytes(small_mirror_root, tmp_path):
+    """The output is what DVC versions: it must not depend on where or when the patches were tiled."""
+    elsewhere = tmp_path / "elsewhere" / small_mirror_root.name
+    shutil.copytree(small_mirror_root, elsewhere, copy_function=shutil.copy)  # new paths, new file times
+    first = tile(patches=small_mirror_root, out=tmp_path / "a", params=params())
+    second = tile(patches=elsewhere, out=tmp_path / "b", params=params())
+    files = sorted(p.relative_to(first.out) for p in first.out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second.out) for p in second.out.rglob("*") if p.is_file())
+    for name in files:
+        assert (first.out / name).read_bytes() == (second.out / name).read_bytes(), name
+    state = json.loads((tmp_path / ".b.state.json").read_text())
+    assert state["source"] == str(elsewhere.resolve())
+
+
+def test_editing_a_band_file_makes_the_rerun_rebuild(small_mirror_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(small_mirror_root, root)
+    assert not tile(patches=root, out=tmp_path / "t", params=params()).skipped
+    band = next(root.rglob("*_B03.tif"))
+    band.write_bytes(band.read_bytes())  # same bytes, new modification time: cannot be told apart from an edit
+    assert not tile(patches=root, out=tmp_path / "t", params=params()).skipped
+
+
+def test_sample_draws_its_sets_from_real_tile_output(tiled, tmp_path):
+    from tasks.sample import SampleParams, sample
+
+    sample_params = load_section("sample", SampleParams, overrides=["sample.small_per_class=10"])
+    result = sample(tiles=tiled.out, out=tmp_path / "samples", dataset="small", params=sample_params)
+    manifest = pd.read_parquet(result.manifest_path)
+    assert len(manifest) == 20 and manifest["label"].sum() == 10
+    index = pd.read_parquet(tiled.out / INDEX_FILE).set_index("patch_id")
+    assert (manifest.set_index("patch_id")[["shard", "offset"]] == index.loc[manifest["patch_id"]]).all().all()
+    assert set(manifest["season"]) <= {"Winter", "Spring", "Summer", "Fall"}

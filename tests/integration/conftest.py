@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -132,32 +131,14 @@ def http_server(tmp_path: Path) -> Iterator[LoopbackHTTP]:
         thread.join(timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """gcp-storage-emulator in memory on a free loopback port with the default bucket; yields (host, bucket).
 
     STORAGE_EMULATOR_HOST points google-cloud-storage (and subprocesses) at it for the test's duration.
     """
-    from gcp_storage_emulator.server import create_server
+    from tasks.storage import local_gcs_emulator
 
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
-    # Server.start() waits forever if the port was taken in the meantime (the bind error dies with its
-    # thread), so start it from a helper thread and give up after a few seconds instead of hanging.
-    starter = threading.Thread(target=server.start, name="gcs-emulator-start", daemon=True)
-    starter.start()
-    starter.join(timeout=10)
-    if starter.is_alive():
-        pytest.fail(f"gcp-storage-emulator did not start on 127.0.0.1:{port}")
-    host = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
-    try:
+    with local_gcs_emulator(GCS_BUCKET) as host:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
         yield host, GCS_BUCKET
-    finally:
-        server.stop()

@@ -5,14 +5,23 @@ import pytest
 from tasks.config import DEFAULT_PARAMS, apply_overrides, load_section, read_params_file
 from tasks.errors import ConfigError
 from tasks.mirror import MirrorParams
+from tasks.sample import SampleParams
 from tasks.validate import ValidateParams
 
 
 def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.download import DownloadParams
     from tasks.tile import TileParams
+    from tasks.versioning import VersioningParams
 
-    models = {"mirror": MirrorParams, "download": DownloadParams, "validate": ValidateParams, "tile": TileParams}
+    models = {
+        "mirror": MirrorParams,
+        "download": DownloadParams,
+        "validate": ValidateParams,
+        "tile": TileParams,
+        "sample": SampleParams,
+        "versioning": VersioningParams,
+    }
     assert set(read_params_file(DEFAULT_PARAMS)) == set(models)
     for section, model in models.items():
         assert isinstance(load_section(section, model), model)
