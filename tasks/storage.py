@@ -135,7 +135,7 @@ def local_gcs_emulator(bucket: str, data_dir: Path | None = None, start_timeout:
         port,
         in_memory=data_dir is None,
         default_bucket=bucket,
-        data_dir=str(data_dir) if data_dir else None,
+        data_dir=str(data_dir.resolve()) if data_dir else None,  # the emulator insists on an absolute path
     )
     # Server.start() waits forever when the port was taken in the meantime (the bind error dies with its thread),
     # so start it from a helper thread and give up after a while instead of hanging.
