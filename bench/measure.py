@@ -1,4 +1,4 @@
-"""Run a command and measure wall time and the peak resident memory of its whole process tree."""
+"""Wall time and the peak resident memory of a whole process tree, for benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,34 +21,47 @@ class Measured:
     peak_rss_bytes: int  # sum over the process and all its descendants, at the worst moment
 
 
-def _tree_rss(root: psutil.Process) -> int:
+def _tree_rss(root: psutil.Process, include_self: bool) -> int:
     total = 0
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in [*([root] if include_self else []), *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # exited between listing and reading
             total += proc.memory_info().rss
     return total
 
 
-def run_measured(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> Measured:
-    """Run `cmd` to completion (raising on a non-zero exit) while sampling its tree's memory every 50 ms."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, done = [0], threading.Event()
+@contextlib.contextmanager
+def tree_rss_peak(pid: int, *, include_self: bool = True) -> Iterator[list[int]]:
+    """Sample the summed RSS of process `pid` (and its descendants) every 50 ms while the block runs.
+
+    Yields a one-element list holding the peak in bytes so far; it is final once the block has ended.
+    """
+    peak, stop = [0], threading.Event()
 
     def poll() -> None:
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], _tree_rss(root))
-            except psutil.Error:
-                return
-            time.sleep(POLL_SECONDS)
+        try:
+            root = psutil.Process(pid)
+        except psutil.Error:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], _tree_rss(root, include_self))
+            stop.wait(POLL_SECONDS)
 
     sampler = threading.Thread(target=poll, daemon=True)
     sampler.start()
-    _, stderr = proc.communicate()
-    done.set()
-    sampler.join()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def run_measured(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> Measured:
+    """Run `cmd` to completion (raising on a non-zero exit) while sampling its tree's memory."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with tree_rss_peak(proc.pid) as peak:
+        _, stderr = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {stderr[-2000:]}")

@@ -20,13 +20,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
+from bench.measure import tree_rss_peak
 from tasks.bigearthnet import PATCH_NAME_RE
 
 log = logging.getLogger(__name__)
@@ -41,7 +39,6 @@ PEER_REQUIREMENTS = (
     "fastcore<1.8",
 )
 LMDB_NAME = "peer.lmdb"
-POLL_SECONDS = 0.05
 _TAIL_CHARS = 2000
 
 
@@ -143,26 +140,6 @@ def count_patches(root: Path) -> int:
     return sum(1 for p in Path(root).iterdir() if p.is_dir() and PATCH_NAME_RE.fullmatch(p.name))
 
 
-def _tree_rss(proc: psutil.Process, *, include_self: bool) -> int:
-    procs = proc.children(recursive=True) + ([proc] if include_self else [])
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-def _poll_peak(pid: int, include_self: bool, stop: threading.Event, peak: list[int]) -> None:
-    try:
-        proc = psutil.Process(pid)
-    except psutil.Error:
-        return
-    while not stop.is_set():
-        with contextlib.suppress(psutil.Error):
-            peak[0] = max(peak[0], _tree_rss(proc, include_self=include_self))
-        stop.wait(POLL_SECONDS)
-
-
 def _lmdb_bytes(lmdb_path: Path) -> int:
     if lmdb_path.is_file():
         return lmdb_path.stat().st_size
@@ -204,17 +181,14 @@ def run_peer(root: Path, out_dir: Path, venv: Path = DEFAULT_VENV) -> PeerRun:
     with tempfile.NamedTemporaryFile("r", prefix="peer-time-", suffix=".txt") as time_out:
         full = [str(gnu_time), "-f", "%M", "-o", time_out.name, *cmd] if use_time else cmd
         log.info("running: %s", " ".join(full))
-        stop, peak = threading.Event(), [0]
         log_path = out_dir / "peer.log"
         with log_path.open("wb") as log_fh:
             started = time.perf_counter()
             proc = subprocess.Popen(full, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            poller = threading.Thread(target=_poll_peak, args=(proc.pid, not use_time, stop, peak), daemon=True)
-            poller.start()
-            returncode = proc.wait()
+            # Under GNU time the peer is time's child: sample the tree below time, not time itself.
+            with tree_rss_peak(proc.pid, include_self=not use_time) as peak:
+                returncode = proc.wait()
             seconds = time.perf_counter() - started
-            stop.set()
-            poller.join()
         if returncode != 0:
             raise RuntimeError(
                 f"peer: `{' '.join(cmd)}` exited {returncode}; output tail ({log_path}):\n"

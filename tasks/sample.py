@@ -301,10 +301,6 @@ def _counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     }
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    frame.to_parquet(path, index=False)
-
-
 def sample(*, tiles: Path, out: Path, dataset: str, params: SampleParams) -> SampleResult:
     """Draw one balanced set from the tiles' metadata and write it with its natural set under `out/dataset`.
 
@@ -368,8 +364,8 @@ def sample(*, tiles: Path, out: Path, dataset: str, params: SampleParams) -> Sam
         "outputs": {"manifest": MANIFEST_FILE, "natural": NATURAL_FILE},
     }
     with atomic_dir(target) as tmp:
-        _write_parquet(manifest, tmp / MANIFEST_FILE)
-        _write_parquet(natural, tmp / NATURAL_FILE)
+        manifest.to_parquet(tmp / MANIFEST_FILE, index=False)
+        natural.to_parquet(tmp / NATURAL_FILE, index=False)
         write_json(tmp / SUMMARY_FILE, summary)
     counts = summary["counts"]
     log.info(

@@ -146,9 +146,9 @@ def _band_reader() -> BandReader:
     return BandReader()  # one per worker process: it learns each band layout once
 
 
-def _read_patch(folder: Path, channels: tuple[str, ...], out: np.ndarray | None = None) -> np.ndarray:
-    """(120, 120, C) uint16, into `out` if given; coarser bands are repeated up to 120 px (nearest neighbour keeps
-    values exact)."""
+def _read_patch(folder: Path, channels: tuple[str, ...], out: np.ndarray) -> None:
+    """Fill `out` (120, 120, C) uint16; coarser bands are repeated up to 120 px (nearest neighbour keeps values
+    exact)."""
     planes = np.empty((len(channels), PATCH_PX, PATCH_PX), dtype=np.uint16)
     for c, band in enumerate(channels):
         array = _band_reader().read(folder / ben.band_file(folder.name, band))
@@ -156,24 +156,7 @@ def _read_patch(folder: Path, channels: tuple[str, ...], out: np.ndarray | None 
         # A (size, f, size, f) view of the plane takes each value f×f times without a temporary.
         planes[c].reshape(size, PATCH_PX // size, size, PATCH_PX // size)[...] = array[:, None, :, None]
     # Filling contiguous planes and transposing once is twice as fast as writing strided channels one by one.
-    if out is None:
-        return planes.transpose(1, 2, 0).copy()
     out[...] = planes.transpose(1, 2, 0)
-    return out
-
-
-class _Rows:
-    """The rows `positions` of an array, sliced lazily: len() and [a:b] like an array, copying only the slice."""
-
-    def __init__(self, array: np.ndarray, positions: np.ndarray) -> None:
-        self.array, self.positions = array, positions
-        self.shape = (len(positions), *array.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return self.array[self.positions[rows]]
 
 
 class _Moments:
@@ -187,17 +170,17 @@ class _Moments:
         self.high = [None] * channels
 
     @classmethod
-    def of(cls, pixels: np.ndarray, block: int = 64) -> _Moments:
-        """Moments of (n, H, W, C) uint16 pixels, from one histogram per channel (np.bincount), built `block`
-        patches at a time so that temporaries stay a few MB whatever the shard size."""
+    def of(cls, pixels: np.ndarray, rows: np.ndarray, block: int = 64) -> _Moments:
+        """Moments of the patches `rows` of (n, H, W, C) uint16 pixels, from one histogram per channel
+        (np.bincount), copying `block` patches at a time so that temporaries stay a few MB whatever the shard size."""
         channels = pixels.shape[-1]
         counts = np.zeros((channels, 65536), dtype=np.int64)
-        for start in range(0, len(pixels), block):
-            chunk = pixels[start : start + block]
+        for start in range(0, len(rows), block):
+            chunk = pixels[rows[start : start + block]]
             for c in range(channels):
                 counts[c] += np.bincount(chunk[..., c].ravel(), minlength=65536)
         moments = cls(channels)
-        if not len(pixels):
+        if not len(rows):
             return moments
         values = np.arange(65536, dtype=np.int64)
         for c in range(channels):
@@ -245,9 +228,8 @@ def _write_shard(path: str, folders: list[str], cloud: list[bool], channels: tup
     for i, folder in enumerate(folders):
         _read_patch(Path(folder), channels, out=shard[i])
     shard.flush()
-    # Each class's rows are taken lazily, so that _Moments.of copies one block of patches at a time.
     is_cloud = np.asarray(cloud, dtype=bool)
-    moments = {name: _Moments.of(_Rows(shard, np.flatnonzero(is_cloud == flag))) for name, flag in CLASSES.items()}
+    moments = {name: _Moments.of(shard, np.flatnonzero(is_cloud == flag)) for name, flag in CLASSES.items()}
     del shard
     return moments
 
