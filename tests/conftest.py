@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,37 @@ def small_mirror_root(small_mirror, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def faulty_mirror_root(faulty_mirror, tmp_path_factory) -> Path:
     return extract(faulty_mirror.archive, tmp_path_factory.mktemp("faulty_mirror_root"))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A tiled and sampled small mirror: what tasks.train, tasks.evaluate and tasks.gate read."""
+
+    tiles: Path
+    samples: Path  # holds small/ and large/, each with manifest.parquet and natural.parquet
+
+    def manifest(self, dataset: str = "small") -> Path:
+        return self.samples / dataset / "manifest.parquet"
+
+
+def build_training_data(out: Path, *, patches: int = 240, seed: int = 11, per_class: int = 48) -> TrainingData:
+    """Mirror → extract → tile → sample, with the project's own steps (small enough for a CPU test)."""
+    from tasks.sample import SampleParams, sample
+    from tasks.tile import TileParams, tile
+
+    mirror = build_mirror(out=out / "mirror", params=mirror_params(patches=patches, seed=seed), workers=1)
+    root = extract(mirror.archive, out / "extracted")
+    tiles = tile(
+        patches=root,
+        out=out / "tiles",
+        params=load_section("tile", TileParams, overrides=["tile.workers=1", "tile.shard_patches=64"]),
+    ).out
+    sample_params = load_section("sample", SampleParams, overrides=[f"sample.small_per_class={per_class}"])
+    for dataset in ("small", "large"):
+        sample(tiles=tiles, out=out / "samples", dataset=dataset, params=sample_params)
+    return TrainingData(tiles=tiles, samples=out / "samples")
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory) -> TrainingData:
+    return build_training_data(tmp_path_factory.mktemp("training_data"))

@@ -1,0 +1,100 @@
+"""The classifier network, built from params.yaml's `model` section.
+
+The network starts with a Normalization layer holding the train split's per-channel mean and variance, so the
+saved model takes raw reflectance: the normalisation is packaged with the weights and cannot drift between training
+and serving (the seed project's server normalised differently from its training code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from tasks.config import StepParams
+from tasks.errors import ConfigError
+from tasks.tile import PATCH_PX
+
+INPUT_SHAPE = (PATCH_PX, PATCH_PX, 3)
+_BACKBONES = {"mobilenet_v2": "MobileNetV2", "resnet50_v2": "ResNet50V2"}
+
+
+class ConvLayer(StepParams):
+    filters: int = Field(gt=0)
+    kernel: int = Field(gt=0)
+    pool: int = Field(ge=1)
+
+
+class ModelParams(StepParams):
+    architecture: Literal["cnn", "mobilenet_v2", "resnet50_v2"]
+    conv_layers: list[ConvLayer] = Field(min_length=1)
+    dense_units: int = Field(gt=0)
+    initializer: str
+    weights: Path | None
+    freeze_backbone: bool
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: weights file not found (weights are never downloaded; give a local file)")
+        return value
+
+
+def describe(params: ModelParams) -> dict[str, Any]:
+    """The architecture as flat MLflow params."""
+    flat: dict[str, Any] = {"architecture": params.architecture}
+    if params.architecture == "cnn":
+        for i, layer in enumerate(params.conv_layers):
+            flat[f"conv{i}"] = f"{layer.filters}x{layer.kernel}x{layer.kernel}/pool{layer.pool}"
+        flat["dense_units"] = params.dense_units
+        flat["initializer"] = params.initializer
+    else:
+        flat["weights"] = str(params.weights) if params.weights else "scratch"
+        flat["freeze_backbone"] = params.freeze_backbone
+    return flat
+
+
+def build_model(params: ModelParams, mean: list[float], variance: list[float]) -> Any:
+    """A Keras model from raw (n, 120, 120, 3) float reflectance to the probability of cloud (n, 1)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=INPUT_SHAPE, name="rgb")
+    x = layers.Normalization(mean=mean, variance=variance, name="train_split_normalisation")(inputs)
+    if params.architecture == "cnn":
+        for layer in params.conv_layers:
+            x = layers.Conv2D(
+                layer.filters, layer.kernel, use_bias=False, kernel_initializer=params.initializer, activation="relu"
+            )(x)
+            x = layers.BatchNormalization()(x)
+            if layer.pool > 1:
+                x = layers.MaxPooling2D(layer.pool)(x)
+        x = layers.Flatten()(x)
+        x = layers.Dense(params.dense_units, use_bias=False, kernel_initializer=params.initializer, activation="relu")(
+            x
+        )
+        x = layers.BatchNormalization()(x)
+    else:
+        x = _backbone(params)(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="cloud")(x)
+    return keras.Model(inputs, outputs, name=f"cloudscreen_{params.architecture}")
+
+
+def _backbone(params: ModelParams) -> Any:
+    import keras
+
+    factory = getattr(keras.applications, _BACKBONES[params.architecture])
+    # weights=None never downloads; a local file is loaded by keras itself (it must match the no-top variant).
+    try:
+        backbone = factory(
+            include_top=False,
+            weights=str(params.weights) if params.weights else None,
+            input_shape=INPUT_SHAPE,
+            pooling="avg",
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model.weights {params.weights}: not usable for {params.architecture}: {exc}") from exc
+    backbone.trainable = not (params.weights and params.freeze_backbone)
+    return backbone

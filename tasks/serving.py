@@ -1,0 +1,41 @@
+"""The pyfunc model every trained network is served as: raw uint16 R, G, B patches in, probability of cloud out.
+
+Logged by tasks.train with this module in `code_paths`, so the model loads wherever MLflow runs. It keeps the
+contract in tasks.tracking's docstring; the network itself normalises (tasks.model), so the wrapper only checks the
+input and batches it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+PATCH_SHAPE = (120, 120, 3)
+KERAS_ARTIFACT = "keras_model"  # the key of the saved .keras file in the pyfunc model's artifacts
+
+
+class RawPatchClassifier(mlflow.pyfunc.PythonModel):
+    batch_size = 256
+
+    def load_context(self, context: Any) -> None:
+        import keras
+
+        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+
+    # No type hints on predict: MLflow would read them as a schema and warn; the signature logged with the model
+    # (uint16 tensor in, float32 vector out) is the schema.
+    def predict(self, context, model_input, params=None):
+        patches = np.asarray(model_input)
+        if patches.ndim == 3:
+            patches = patches[None]
+        if patches.shape[1:] != PATCH_SHAPE:
+            raise ValueError(
+                f"expected raw uint16 patches of shape (n, 120, 120, 3) in R, G, B order, got {patches.shape}"
+            )
+        scores = [
+            np.asarray(self.model(patches[i : i + self.batch_size].astype(np.float32), training=False)).reshape(-1)
+            for i in range(0, len(patches), self.batch_size)
+        ]
+        return np.concatenate(scores).astype(np.float32) if scores else np.empty(0, np.float32)

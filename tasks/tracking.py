@@ -1,0 +1,86 @@
+"""MLflow names shared by train, evaluate and gate: artifact paths, registry aliases, lineage tag keys.
+
+The contract every logged classifier keeps (the CNN, its transfer variants and the SGD baseline alike): the run's
+`model` artifact is an MLflow pyfunc model whose `predict` takes raw uint16 patches of shape (n, 120, 120, 3) in
+R, G, B order (B04, B03, B02, as tiles.json records) and returns a float array of shape (n,) holding the probability
+of `cloud`. Normalisation is packaged inside the model, so callers never normalise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+MODEL_ARTIFACT = "model"  # the pyfunc model that takes raw uint16 patches
+KERAS_ARTIFACT = "keras_model"  # the same network in the Keras flavor, for Keras users
+EVALUATION_DIR = "evaluation"  # artifacts written by tasks.evaluate
+GATE_FILE = "gate.json"  # the verdict tasks.gate writes to the challenger's run
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous-champion"
+
+TAG_PREFIX = "cloudscreen."
+TAG_GIT_COMMIT = "cloudscreen.git_commit"
+TAG_DATA_VERSION = "cloudscreen.data_version"
+TAG_SNAPSHOT = "cloudscreen.snapshot"
+TAG_DAG_ID = "cloudscreen.dag_id"
+TAG_DAG_RUN_ID = "cloudscreen.dag_run_id"
+TAG_IMAGE = "cloudscreen.image"
+LINEAGE_TAGS = (TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_SNAPSHOT, TAG_DAG_ID, TAG_DAG_RUN_ID, TAG_IMAGE)
+TAG_KIND = "cloudscreen.kind"  # "train", "baseline", "search" or "trial"
+TAG_GATE_DECISION = "cloudscreen.gate.decision"
+TAG_GATE_REASONS = "cloudscreen.gate.reasons"
+
+
+def run_model_uri(run_id: str) -> str:
+    """The URI of a run's pyfunc classifier."""
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The keys that find one pipeline run from every tool (DESIGN.md, "The lineage key"); empty when unknown."""
+
+    git_commit: str = ""
+    data_version: str = ""
+    snapshot: str = ""
+    dag_id: str = ""
+    dag_run_id: str = ""
+    image: str = ""
+
+    @classmethod
+    def from_environment(cls, *, snapshot: str | None = None, data_version: str | None = None) -> Lineage:
+        """Lineage from arguments, else CLOUDSCREEN_* variables (set by the DAG, the pod spec or the image),
+        else Airflow's task-context variables, else the git checkout the code runs from."""
+        env = os.environ
+
+        def first(*names: str) -> str:
+            return next((env[n] for n in names if env.get(n)), "")
+
+        return cls(
+            git_commit=first("CLOUDSCREEN_GIT_COMMIT") or _git_commit(),
+            data_version=data_version or first("CLOUDSCREEN_DATA_VERSION"),
+            snapshot=snapshot or first("CLOUDSCREEN_SNAPSHOT"),
+            dag_id=first("CLOUDSCREEN_DAG_ID", "AIRFLOW_CTX_DAG_ID"),
+            dag_run_id=first("CLOUDSCREEN_DAG_RUN_ID", "AIRFLOW_CTX_DAG_RUN_ID"),
+            image=first("CLOUDSCREEN_IMAGE"),
+        )
+
+    def tags(self) -> dict[str, str]:
+        return dict(zip(LINEAGE_TAGS, astuple(self), strict=True))
+
+
+def _git_commit() -> str:
+    """HEAD of the checkout this code runs from, with `-dirty` when tracked files changed; "" outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")

@@ -1,0 +1,531 @@
+"""Train the classifier on one sample manifest and record everything about the run in MLflow.
+
+One entrypoint for the GPU pod (KubernetesPodOperator), a Docker container on a GPU VM and a local subprocess:
+`python -m tasks.train --manifest M --tiles DIR`. MLflow is reached through MLFLOW_TRACKING_URI.
+
+A run records params (every hyperparameter, the architecture, the dataset and its sizes per split and class),
+per-epoch metrics for train and val, MLflow system metrics, hardware and version tags, the cost of the wall time at
+the configured machine's price, the lineage tags of tasks.tracking, the manifest as a dataset input, and the model:
+the Keras flavor plus the pyfunc classifier (tasks.serving) registered with alias `challenger`.
+
+With `--checkpoint-dir`, a killed trainer started again with the same directory resumes from its last completed
+epoch in the same MLflow run, and a trainer started after a finished run returns that run (an Airflow retry after a
+later failure does not train twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from tasks import cli, inputs, tracking
+from tasks.config import StepParams, load_section
+from tasks.errors import ConfigError
+from tasks.model import ModelParams, build_model, describe
+from tasks.storage import write_json
+
+log = logging.getLogger(__name__)
+
+RUN_STATE_FILE = "run.json"  # in the checkpoint directory: which MLflow run this training belongs to
+BACKUP_DIR = "backup"  # in the checkpoint directory: Keras BackupAndRestore's last completed epoch
+_METRICS = ("accuracy", "precision", "recall", "auc")
+
+
+class TrainParams(StepParams):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    optimizer: Literal["adam", "sgd", "rmsprop"]
+    learning_rate: float = Field(gt=0)
+    early_stopping_patience: int = Field(ge=1)
+    reduce_lr_patience: int = Field(ge=1)
+    reduce_lr_factor: float = Field(gt=0, lt=1)
+    min_learning_rate: float = Field(ge=0)
+    augment: bool
+    shuffle_buffer: int = Field(gt=0)
+    class_weighting: Literal["auto", "none"]
+    seed: int
+    experiment: str
+    registered_model: str = Field(min_length=1)
+    system_metrics_interval_seconds: float = Field(gt=0)
+    max_train_patches: int | None = Field(default=None, gt=0)
+
+
+class CostParams(StepParams):
+    machine_type: str
+    accelerator: str
+    machine_usd_per_hour: dict[str, float]
+    accelerator_usd_per_hour: dict[str, float]
+
+    @model_validator(mode="after")
+    def _known_types(self) -> CostParams:
+        for kind, name, table in (
+            ("machine_type", self.machine_type, self.machine_usd_per_hour),
+            ("accelerator", self.accelerator, self.accelerator_usd_per_hour),
+        ):
+            if name not in table:
+                raise ValueError(f"{kind} {name!r} has no price; priced: {', '.join(sorted(table))}")
+        return self
+
+    def from_environment(self) -> CostParams:
+        """The machine and accelerator the pod or VM says it runs on (CLOUDSCREEN_MACHINE_TYPE/_ACCELERATOR)."""
+        changes = {
+            key: os.environ[var]
+            for key, var in (("machine_type", "CLOUDSCREEN_MACHINE_TYPE"), ("accelerator", "CLOUDSCREEN_ACCELERATOR"))
+            if os.environ.get(var)
+        }
+        try:
+            return CostParams.model_validate(self.model_dump() | changes) if changes else self
+        except ValueError as exc:
+            raise ConfigError(f"cost from the environment: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_version: str | None
+    epochs: int  # epochs completed, over every attempt
+    metrics: dict[str, float]
+    reused: bool = False  # the checkpoint directory held a finished run: nothing was trained
+
+
+def cost_usd(seconds: float, cost: CostParams, accelerators: int) -> float:
+    """What `seconds` of wall time cost on the configured machine with `accelerators` of the configured GPU."""
+    hourly = cost.machine_usd_per_hour[cost.machine_type]
+    if cost.accelerator != "none":
+        hourly += cost.accelerator_usd_per_hour[cost.accelerator] * max(accelerators, 1)
+    return seconds / 3600 * hourly
+
+
+def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    """Inverse-frequency weights when the classes are imbalanced (`auto`); None when balanced or `none`."""
+    counts = np.bincount(labels.astype(np.int64), minlength=2)
+    if mode == "none" or counts[0] == counts[1]:
+        return None
+    return {label: len(labels) / (2 * int(count)) for label, count in enumerate(counts)}
+
+
+def _splits(manifest_path: Path, params: TrainParams) -> dict[str, pd.DataFrame]:
+    manifest = inputs.read_manifest(manifest_path)
+    splits = {name: manifest[manifest["split"] == name] for name in ("train", "val")}
+    for name, frame in splits.items():
+        present = set(frame["label"].unique())
+        if present != {0, 1}:
+            raise inputs.InputError(
+                f"{manifest_path}: the {name} split needs both classes; it holds labels {present or 'none'}"
+            )
+    if params.max_train_patches:
+        splits["train"] = splits["train"].groupby("label", group_keys=False).head(params.max_train_patches)
+    return splits
+
+
+def _dataset_params(manifest_path: Path, splits: dict[str, pd.DataFrame], test_rows: int) -> dict[str, Any]:
+    flat: dict[str, Any] = {
+        "dataset": manifest_path.parent.name,
+        "manifest": str(manifest_path),
+        "test_patches": test_rows,
+    }
+    for split, frame in splits.items():
+        counts = frame["label"].value_counts()
+        flat[f"{split}_cloud"] = int(counts.get(1, 0))
+        flat[f"{split}_no_cloud"] = int(counts.get(0, 0))
+    return flat
+
+
+def hardware_tags() -> dict[str, str]:
+    """Where the run ran: host, CPU, GPUs, driver and CUDA, TensorFlow and Keras versions."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu_names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+    tags = {
+        "host": platform.node(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": str(os.cpu_count()),
+        "gpu_count": str(len(gpus)),
+        "gpu_model": ", ".join(sorted(set(gpu_names))),
+        "gpu_driver": _nvidia_driver(),
+        "cuda_version": str(tf.sysconfig.get_build_info().get("cuda_version", "")),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+    }
+    return {f"{tracking.TAG_PREFIX}{k}": v for k, v in tags.items()}
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _nvidia_driver() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver: the normal case on CPU machines
+        return ""
+    try:
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _epoch_logger(train_images: int, state: _RunState) -> Any:
+    import keras
+
+    import mlflow
+
+    class EpochLogger(keras.callbacks.Callback):
+        """Per-epoch metrics to MLflow (train_*, val_*, learning_rate, epoch_seconds, images_per_second)."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.started = time.perf_counter()
+            self.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            seconds = time.perf_counter() - self.started
+            metrics = {k if k.startswith("val_") else f"train_{k}": float(v) for k, v in (logs or {}).items()}
+            metrics.pop("train_learning_rate", None)
+            metrics |= {
+                "learning_rate": self.learning_rate,
+                "epoch_seconds": seconds,
+                "images_per_second": train_images / seconds,
+            }
+            mlflow.log_metrics(metrics, step=epoch)
+            state.epochs = epoch + 1
+            state.save()
+
+    return EpochLogger()
+
+
+@dataclass
+class _RunState:
+    """run.json in the checkpoint directory: lets a restarted trainer continue its MLflow run, or reuse it."""
+
+    path: Path | None
+    run_id: str = ""
+    status: str = "running"
+    epochs: int = 0
+    seconds_before: float = 0.0  # wall time of earlier, killed attempts (they cost money too)
+    model_version: str | None = None
+    started: float = 0.0
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path | None) -> _RunState:
+        path = checkpoint_dir / RUN_STATE_FILE if checkpoint_dir else None
+        state = cls(path, started=time.monotonic())
+        if path and path.is_file():
+            saved = json.loads(path.read_text())
+            state.run_id, state.status, state.epochs = saved["run_id"], saved["status"], saved["epochs"]
+            state.seconds_before, state.model_version = saved["seconds"], saved.get("model_version")
+        return state
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        if self.path:
+            record = {"run_id": self.run_id, "status": self.status, "epochs": self.epochs, "seconds": self.seconds}
+            write_json(self.path, record | {"model_version": self.model_version})
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    # Keras draws its progress bar on stdout; stdout carries only the run id.
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def train(
+    *,
+    manifest: Path,
+    tiles: Path,
+    params: TrainParams,
+    model_params: ModelParams,
+    cost: CostParams,
+    lineage: tracking.Lineage,
+    checkpoint_dir: Path | None = None,
+    register: bool = True,
+    run_name: str | None = None,
+    kind: str = "train",
+) -> TrainResult:
+    """Train on `manifest`'s train split (validating on its val split) and log the run to MLflow.
+
+    Args:
+        manifest: a tasks.sample manifest (patch_id, label, split, shard, offset, ...).
+        tiles: the tile step's output the manifest points into (R, G, B shards).
+        checkpoint_dir: where to keep the last completed epoch and the run id, to resume after a kill.
+        register: register the pyfunc model under `params.registered_model` with alias `challenger`. Search trials
+            log without registering.
+        run_name: MLflow run name; nested under the active run when there is one (a search's trials).
+        kind: the `cloudscreen.kind` tag.
+
+    Raises:
+        InputError: the manifest or tiles cannot feed training (names the file and the fault).
+        ConfigError: the cost table has no price for the configured machine.
+    """
+    import keras
+    import tensorflow as tf
+
+    import mlflow
+
+    splits = _splits(manifest, params)
+    state = _RunState.load(checkpoint_dir)
+    if state.status == "finished":
+        log.info("%s holds finished run %s: not training again", checkpoint_dir, state.run_id)
+        metrics = mlflow.get_run(state.run_id).data.metrics
+        return TrainResult(state.run_id, state.model_version, state.epochs, metrics, reused=True)
+
+    source = inputs.PatchSource(tiles)
+    cost = cost.from_environment()
+    gpus = tf.config.list_physical_devices("GPU")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    keras.utils.set_random_seed(params.seed)
+    mean, variance = inputs.channel_moments(source, splits["train"])
+    weights = class_weights(splits["train"]["label"].to_numpy(), params.class_weighting)
+    log.info(
+        "training %s on %s (%d train, %d val patches; %d replica(s)); mean %s",
+        model_params.architecture,
+        manifest,
+        len(splits["train"]),
+        len(splits["val"]),
+        strategy.num_replicas_in_sync,
+        [round(m, 1) for m in mean],
+    )
+    with strategy.scope():
+        model = build_model(model_params, mean, variance)
+        model.compile(
+            optimizer=keras.optimizers.get(
+                {"class_name": params.optimizer, "config": {"learning_rate": params.learning_rate}}
+            ),
+            loss="binary_crossentropy",
+            metrics=[
+                keras.metrics.BinaryAccuracy(name="accuracy"),
+                keras.metrics.Precision(name="precision"),
+                keras.metrics.Recall(name="recall"),
+                keras.metrics.AUC(name="auc"),
+            ],
+        )
+    settings = inputs.PipelineSettings(params.batch_size, True, params.augment, params.seed, params.shuffle_buffer)
+    train_data = inputs.dataset(source, splits["train"], settings)
+    val_data = inputs.dataset(
+        source, splits["val"], inputs.PipelineSettings(params.batch_size, False, False, params.seed)
+    )
+
+    if (
+        params.experiment
+        and not os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        and not os.environ.get("MLFLOW_EXPERIMENT_ID")
+    ):
+        mlflow.set_experiment(params.experiment)
+    mlflow.set_system_metrics_sampling_interval(params.system_metrics_interval_seconds)
+    tags = lineage.tags() | hardware_tags() | {tracking.TAG_KIND: kind}
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(
+        run_id=state.run_id or None, run_name=run_name, nested=nested, tags=tags, log_system_metrics=True
+    ) as run:
+        resumed = bool(state.run_id)
+        state.run_id = run.info.run_id
+        state.save()
+        if not resumed:
+            full = inputs.read_manifest(manifest)
+            mlflow.log_params(
+                params.model_dump(exclude={"experiment", "system_metrics_interval_seconds"})
+                | {f"model_{k}": v for k, v in describe(model_params).items()}
+                | _dataset_params(manifest, splits, int((full["split"] == "test").sum()))
+                | {
+                    "class_weight": json.dumps(weights) if weights else "none",
+                    "replicas": strategy.num_replicas_in_sync,
+                    "machine_type": cost.machine_type,
+                    "accelerator": cost.accelerator,
+                    "tiles": str(tiles),
+                }
+            )
+            dataset = mlflow.data.from_pandas(
+                full, source=str(manifest), name=_dataset_name(manifest, lineage), targets="label"
+            )
+            mlflow.log_input(dataset, context="training")
+        else:
+            log.info("resuming MLflow run %s after epoch %d", state.run_id, state.epochs)
+
+        callbacks = [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+            ),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=params.reduce_lr_factor,
+                patience=params.reduce_lr_patience,
+                min_lr=params.min_learning_rate,
+            ),
+            _epoch_logger(len(splits["train"]), state),
+        ]
+        if checkpoint_dir:
+            callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / BACKUP_DIR)))
+        with _stdout_to_stderr():
+            history = model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=params.epochs,
+                class_weight=weights,
+                callbacks=callbacks,
+                verbose=1 if sys.stderr.isatty() else 2,
+            )
+
+        images = state.epochs * len(splits["train"])
+        spent = cost_usd(state.seconds, cost, len(gpus))
+        summary = {
+            "epochs_run": state.epochs,
+            "train_seconds": state.seconds,
+            "cost_usd": spent,
+            "cost_usd_per_1k_images": spent / images * 1000 if images else 0.0,
+        }
+        summary |= _best_epoch(history.history)
+        mlflow.log_metrics(summary)
+        version = _log_model(model, source, splits["train"], mean, variance, params if register else None)
+        state.status, state.model_version = "finished", version
+        state.save()
+        metrics = mlflow.get_run(run.info.run_id).data.metrics
+    log.info("run %s: %d epochs, model version %s, cost $%.4f", state.run_id, state.epochs, version, spent)
+    return TrainResult(state.run_id, version, state.epochs, metrics)
+
+
+def _dataset_name(manifest: Path, lineage: tracking.Lineage) -> str:
+    snapshot = lineage.snapshot or manifest.parent.parent.name
+    return f"{snapshot}/{manifest.parent.name}"
+
+
+def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
+    """The val metrics of the epoch whose weights were kept (EarlyStopping restores the lowest val_loss)."""
+    if not history.get("val_loss"):
+        return {}
+    best = int(np.argmin(history["val_loss"]))
+    return {"best_epoch": best} | {f"best_val_{m}": history[f"val_{m}"][best] for m in ("loss", *_METRICS)}
+
+
+def _log_model(
+    model: Any,
+    source: inputs.PatchSource,
+    train: pd.DataFrame,
+    mean: list[float],
+    variance: list[float],
+    register: TrainParams | None,
+) -> str | None:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import mlflow
+    from tasks import serving
+
+    mlflow.log_dict(
+        {"channels": inputs.RGB_CHANNELS, "dtype": "uint16", "mean": mean, "variance": variance},
+        "preprocessing.json",
+    )
+    example = source.frame_patches(train.head(2))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *serving.PATCH_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
+    )
+    # Explicit requirements: inferring them reloads the model in a subprocess, which costs more than a tiny run.
+    requirements = _requirements()
+    keras_signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *serving.PATCH_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
+    )
+    mlflow.keras.log_model(
+        model, name=tracking.KERAS_ARTIFACT, pip_requirements=requirements, signature=keras_signature
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "classifier.keras"
+        model.save(saved)
+        info = mlflow.pyfunc.log_model(
+            name=tracking.MODEL_ARTIFACT,
+            python_model=serving.RawPatchClassifier(),
+            artifacts={serving.KERAS_ARTIFACT: str(saved)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=signature,
+            input_example=example,
+            registered_model_name=register.registered_model if register else None,
+            pip_requirements=requirements,
+        )
+    if register is None:
+        return None
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient().set_registered_model_alias(register.registered_model, tracking.CHALLENGER, version)
+    return version
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tensorflow as tf
+
+    # tensorflow-cpu (this project's lock) and tensorflow (the GPU image) are the same code under two names.
+    pins = [f"tensorflow=={tf.__version__}"]
+    for package in ("keras", "mlflow", "numpy", "pandas"):
+        with contextlib.suppress(PackageNotFoundError):
+            pins.append(f"{package}=={version(package)}")
+    return pins
+
+
+def main() -> None:
+    p = cli.parser("Train the classifier on a sample manifest; log it to MLflow and register it as challenger.")
+    p.add_argument("--manifest", type=Path, required=True, help="samples/<snapshot>/<set>/manifest.parquet")
+    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory")
+    p.add_argument(
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="shorthand for --set train.KEY=VALUE (or SECTION.KEY=VALUE for the model and cost sections)",
+    )
+    p.add_argument("--checkpoint-dir", type=Path, help="keep the last epoch here; a restarted trainer resumes from it")
+    p.add_argument(
+        "--xcom-out", type=Path, help='write {"run_id", "model_version"} as JSON here (KPO: /airflow/xcom/return.json)'
+    )
+    p.add_argument("--snapshot", help="lineage: the snapshot trained on (default: $CLOUDSCREEN_SNAPSHOT)")
+    p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+    args = p.parse_args()
+    cli.configure_logging(args.verbose)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our log
+
+    def body() -> None:
+        overrides = args.overrides + [
+            item if "." in item.partition("=")[0] else f"train.{item}" for item in args.set_param
+        ]
+        result = train(
+            manifest=args.manifest,
+            tiles=args.tiles,
+            params=load_section("train", TrainParams, args.params, overrides),
+            model_params=load_section("model", ModelParams, args.params, overrides),
+            cost=load_section("cost", CostParams, args.params, overrides),
+            lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
+            checkpoint_dir=args.checkpoint_dir,
+        )
+        if args.xcom_out:
+            write_json(args.xcom_out, {"run_id": result.run_id, "model_version": result.model_version})
+        print(result.run_id)
+
+    cli.run(body)
+
+
+if __name__ == "__main__":
+    main()
