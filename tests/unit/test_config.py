@@ -11,7 +11,9 @@ from tasks.validate import ValidateParams
 
 def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.download import DownloadParams
+    from tasks.model import ModelParams
     from tasks.tile import TileParams
+    from tasks.train import CostParams, TrainParams
     from tasks.versioning import VersioningParams
 
     models = {
@@ -21,6 +23,9 @@ def test_every_section_of_params_yaml_loads_into_its_model():
         "tile": TileParams,
         "sample": SampleParams,
         "versioning": VersioningParams,
+        "model": ModelParams,
+        "train": TrainParams,
+        "cost": CostParams,
     }
     assert set(read_params_file(DEFAULT_PARAMS)) == set(models)
     for section, model in models.items():
