@@ -10,13 +10,14 @@ PY := $(VENV)/bin/python
 LOCAL := .local
 export UV_PYTHON := $(PYTHON_VERSION)
 
-.PHONY: help setup demo test lint bench clean
+.PHONY: help setup demo test lint bench tracking clean
 
 help:
 	@echo "make demo   build the embedded BigEarthNet-format mirror, serve it on loopback; download, validate, tile, sample, version it"
 	@echo "make test   lint, then every test (unit, data, integration with real servers on loopback)"
 	@echo "make lint   ruff check + ruff format --check"
 	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"
+	@echo "make tracking  MLflow server on http://127.0.0.1:5000 (SQLite .local/mlflow.db; artifacts in the GCS emulator, .local/gcs)"
 
 $(UV):
 	python3 -m venv $(LOCAL)/tools
@@ -42,5 +43,9 @@ bench: setup
 	$(PY) -m bench.ingest
 	$(PY) -m bench.tile
 
+# Foreground, Ctrl-C stops it. Configured by the MLFLOW_* variables of mlflow/server.sh (see mlflow/README.md).
+tracking: setup
+	$(PY) -m tasks.tracking_server --with-emulator $(LOCAL)/gcs
+
 clean:
-	rm -rf $(LOCAL)/data $(LOCAL)/gcs test-artifacts
+	rm -rf $(LOCAL)/data $(LOCAL)/gcs $(LOCAL)/mlflow.db test-artifacts

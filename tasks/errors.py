@@ -25,3 +25,13 @@ class UnsafeArchiveError(CloudscreenError):
 
 class ValidationFailedError(CloudscreenError):
     """Too many patches were quarantined or a dataset-level expectation failed."""
+
+
+class EvaluationError(CloudscreenError):
+    """A model cannot be evaluated: missing or unusable evaluation data, an unknown model or run, or predictions that
+    break the model contract."""
+
+
+class GateError(CloudscreenError):
+    """The gate cannot reach a verdict: an unknown run or model, a run never evaluated, or a registry state a
+    promotion or rollback cannot proceed from. A rejected challenger is a verdict, never this error."""

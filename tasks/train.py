@@ -379,7 +379,8 @@ def train(
             _epoch_logger(len(splits["train"]), state),
         ]
         if checkpoint_dir:
-            callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / BACKUP_DIR)))
+            # Two copies: a kill while the latest is being written leaves the previous one to resume from.
+            callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / BACKUP_DIR), double_checkpoint=True))
         with _stdout_to_stderr():
             history = model.fit(
                 train_data,
@@ -391,10 +392,11 @@ def train(
             )
 
         images = state.epochs * len(splits["train"])
-        spent = cost_usd(state.seconds, cost, len(gpus))
+        seconds = state.seconds
+        spent = cost_usd(seconds, cost, len(gpus))
         summary = {
             "epochs_run": state.epochs,
-            "train_seconds": state.seconds,
+            "train_seconds": seconds,
             "cost_usd": spent,
             "cost_usd_per_1k_images": spent / images * 1000 if images else 0.0,
         }

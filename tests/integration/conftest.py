@@ -1,4 +1,4 @@
-"""Real servers on loopback: a small HTTP file server with failure switches, and the GCS emulator."""
+"""Real servers on loopback: a small HTTP file server with failure switches, the GCS emulator, the MLflow server."""
 
 from __future__ import annotations
 
@@ -142,3 +142,21 @@ def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     with local_gcs_emulator(GCS_BUCKET) as host:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
         yield host, GCS_BUCKET
+
+
+@pytest.fixture
+def mlflow_server(gcs_emulator: tuple[str, str], tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` (through mlflow/server.sh) on a free loopback port with a SQLite store in the test's temporary
+    directory and artifacts proxied to the emulator bucket under mlflow/; yields the tracking URI.
+
+    Function scope, like `gcs_emulator`: each test gets an empty store and bucket. Starting takes 10-20 s here.
+    """
+    from tasks.tracking_server import mlflow_server as start
+
+    emulator, bucket = gcs_emulator
+    with start(
+        backend_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+        artifacts_destination=f"gs://{bucket}/mlflow",
+        env={"STORAGE_EMULATOR_HOST": emulator},
+    ) as uri:
+        yield uri

@@ -11,6 +11,8 @@ from tasks.validate import ValidateParams
 
 def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.download import DownloadParams
+    from tasks.evaluate import EvaluateParams
+    from tasks.gate import GateParams
     from tasks.model import ModelParams
     from tasks.tile import TileParams
     from tasks.train import CostParams, TrainParams
@@ -26,6 +28,8 @@ def test_every_section_of_params_yaml_loads_into_its_model():
         "model": ModelParams,
         "train": TrainParams,
         "cost": CostParams,
+        "evaluate": EvaluateParams,
+        "gate": GateParams,
     }
     assert set(read_params_file(DEFAULT_PARAMS)) == set(models)
     for section, model in models.items():

@@ -1,0 +1,715 @@
+"""Evaluate a logged cloud classifier on a sample set and log metrics, slices, predictions and plots to its run.
+
+Data: the sample step's `manifest.parquet` (its val and test splits) and the `natural.parquet` beside it (the
+natural-prevalence evaluation set); pixels come from the tile step's shards. The model is any MLflow pyfunc that keeps
+the contract in tasks.tracking (raw uint16 patches in, cloud probabilities out).
+
+The operating threshold is chosen on val (see `operating_threshold`) and then only reported on test and natural, so
+the test numbers are an honest estimate. A patch is called cloud when its score is >= the threshold.
+
+Metric names (built once, by `metric_name`), with SET one of val, test, natural:
+- `SET_AT_METRIC` for metrics of a decision threshold, AT being `t50` (threshold 0.5) or `op` (the operating
+  threshold) and METRIC one of accuracy, precision, recall, f1, tn, fp, fn, tp: e.g. `test_op_recall`,
+  `natural_t50_precision`;
+- `SET_METRIC` for threshold-free ones: roc_auc, average_precision, log_loss (binary cross-entropy) and the counts
+  patches, positives: e.g. `test_roc_auc`;
+- `operating_threshold` and `target_recall`.
+A metric that is undefined on the data (precision with nothing flagged, ROC-AUC with one class) is NaN.
+
+Artifacts under `evaluation/` (tasks.tracking.EVALUATION_DIR): metrics.json (every number, the threshold, params, data
+paths, digests and counts), predictions.parquet (patch_id, set, label, score and the slice columns; what the gate's
+paired test reads), slices.parquet (per-slice metrics at the operating threshold), and the plots
+precision_recall_vs_threshold.png, precision_recall_curve.png, confusion_matrix.png, worst_errors.png. Tags
+`cloudscreen.evaluate.*` record the model URI, manifest, natural set, tiles and the manifests' digests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from tasks import cli
+from tasks.config import StepParams, load_section
+from tasks.errors import EvaluationError
+from tasks.sample import NATURAL_FILE
+from tasks.storage import file_digest, write_json
+from tasks.tile import INDEX_FILE, load_patches
+from tasks.tracking import EVALUATION_DIR, TAG_PREFIX, run_model_uri
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+AT_DEFAULT = "t50"  # the threshold part of metric names: at DEFAULT_THRESHOLD ...
+AT_OPERATING = "op"  # ... and at the operating threshold
+SETS = ("val", "test", "natural")  # the `set` values of predictions.parquet, in row order
+THRESHOLD_METRICS = ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")
+SCORE_METRICS = ("roc_auc", "average_precision", "log_loss")
+COUNT_METRICS = ("patches", "positives")
+OPERATING_THRESHOLD = "operating_threshold"
+TARGET_RECALL = "target_recall"
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.parquet"
+SLICES_FILE = "slices.parquet"
+THRESHOLD_PLOT = "precision_recall_vs_threshold.png"
+PR_CURVE_PLOT = "precision_recall_curve.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+WORST_ERRORS_PLOT = "worst_errors.png"
+ARTIFACTS = (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    SLICES_FILE,
+    THRESHOLD_PLOT,
+    PR_CURVE_PLOT,
+    CONFUSION_PLOT,
+    WORST_ERRORS_PLOT,
+)
+
+TAG_MODEL_URI = f"{TAG_PREFIX}evaluate.model_uri"
+TAG_MANIFEST = f"{TAG_PREFIX}evaluate.manifest"
+TAG_NATURAL = f"{TAG_PREFIX}evaluate.natural"
+TAG_TILES = f"{TAG_PREFIX}evaluate.tiles"
+TAG_MANIFEST_SHA256 = f"{TAG_PREFIX}evaluate.manifest_sha256"
+TAG_NATURAL_SHA256 = f"{TAG_PREFIX}evaluate.natural_sha256"
+
+_MANIFEST_COLUMNS = ("patch_id", "label", "split")
+_RECALL_TOLERANCE = 1e-9  # target × positives is computed in floating point: 0.958 × 1000 must count as 958
+
+
+class EvaluateParams(StepParams):
+    target_recall: float = Field(gt=0, le=1)
+    batch_size: int = Field(ge=1)
+    slice_columns: tuple[str, ...]
+    worst_examples: int = Field(ge=1)
+    stretch_percentiles: tuple[float, float]
+
+    @field_validator("stretch_percentiles")
+    @classmethod
+    def _ordered_percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"expected 0 <= low < high <= 100, got {list(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    model_uri: str
+    run_id: str | None  # the run the results were logged to; None when nothing was logged
+    threshold: float  # the operating threshold, chosen on val
+    target_recall: float
+    metrics: dict[str, float]  # flat names, see the module docstring
+    predictions: pd.DataFrame = field(repr=False)  # patch_id, set, label, score, slice columns
+    slices: pd.DataFrame = field(repr=False)  # set, column, value, counts and metrics at the operating threshold
+    summary: dict[str, Any] = field(repr=False)  # the content of metrics.json
+
+
+# --- metrics (pure) -----------------------------------------------------------------------------------------------
+
+
+def metric_name(dataset: str, metric: str, at: str | None = None) -> str:
+    """The flat MLflow name of a metric: `<set>_<at>_<metric>`, or `<set>_<metric>` for a threshold-free one."""
+    return "_".join(part for part in (dataset, at, metric) if part)
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Counts, metrics at `threshold` (score >= threshold is cloud) and threshold-free metrics of one set of patches.
+
+    Well-defined for any input, one class or none included: what the data cannot define is NaN (precision with no
+    patch flagged, recall with no cloud patch, F1 with neither, ROC-AUC and average precision with one class, every
+    rate of an empty set); log loss is the binary cross-entropy with scores clipped away from 0 and 1 by
+    scikit-learn.
+
+    Returns:
+        Keys COUNT_METRICS + THRESHOLD_METRICS + SCORE_METRICS; counts and confusion cells as ints.
+    """
+    from sklearn import metrics as skm
+
+    y = np.asarray(labels).astype(np.int8)
+    s = np.asarray(scores, dtype=np.float64)
+    predicted = (s >= threshold).astype(np.int8)
+    n, positives = len(y), int(y.sum())
+    nan = float("nan")
+    if n == 0:  # scikit-learn refuses empty input
+        return (
+            {"patches": 0, "positives": 0}
+            | dict.fromkeys(THRESHOLD_METRICS, nan)
+            | {"tn": 0, "fp": 0, "fn": 0, "tp": 0}
+            | dict.fromkeys(SCORE_METRICS, nan)
+        )
+    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, predicted, labels=[0, 1]).ravel())
+    both_classes = 0 < positives < n
+    return {
+        "patches": n,
+        "positives": positives,
+        "accuracy": float(skm.accuracy_score(y, predicted)),
+        "precision": float(skm.precision_score(y, predicted, zero_division=np.nan)),
+        "recall": float(skm.recall_score(y, predicted, zero_division=np.nan)),
+        "f1": float(skm.f1_score(y, predicted, zero_division=np.nan)),
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+        "tp": tp,
+        # On one class scikit-learn warns and answers nan (ROC-AUC) or 0 (average precision): both are undefined.
+        "roc_auc": float(skm.roc_auc_score(y, s)) if both_classes else nan,
+        "average_precision": float(skm.average_precision_score(y, s)) if both_classes else nan,
+        "log_loss": float(skm.log_loss(y, s, labels=[0, 1])),
+    }
+
+
+def operating_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
+    """The highest threshold whose recall on these patches is at least `target_recall`.
+
+    With P cloud patches, recall at threshold t counts the cloud scores >= t, so the answer is the k-th highest
+    cloud score, k = ceil(target_recall × P): any higher threshold loses a cloud patch below the target. Hence:
+    - ties: cloud patches scoring the same as the k-th all count, so the recall reached may exceed the target;
+    - the threshold is a score that occurs in the data; no-cloud scores do not move it (they only set precision);
+    - when the target needs every cloud patch (target 1, or few cloud patches), it is the lowest cloud score, and
+      can be 0 if the model gives a cloud patch 0 — then every patch is flagged, which the caller should report.
+
+    Raises:
+        ValueError: no cloud patches, or a target outside (0, 1].
+    """
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall {target_recall} is outside (0, 1]")
+    positive = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])[::-1]
+    if not len(positive):
+        raise ValueError("no cloud patches: recall is undefined")
+    k = min(max(math.ceil(target_recall * len(positive) - _RECALL_TOLERANCE), 1), len(positive))
+    return float(positive[k - 1])
+
+
+def set_metrics(dataset: str, labels: np.ndarray, scores: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
+    """Flat-named metrics of one set at each of `thresholds` (AT label → threshold), see `metric_name`."""
+    out: dict[str, float] = {}
+    for at, threshold in thresholds.items():
+        values = binary_metrics(labels, scores, threshold)
+        out |= {metric_name(dataset, m, at): values[m] for m in THRESHOLD_METRICS}
+    out |= {metric_name(dataset, m): values[m] for m in (*COUNT_METRICS, *SCORE_METRICS)}
+    return out
+
+
+def slice_metrics(frame: pd.DataFrame, threshold: float, columns: tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """Metrics per value of each of `columns` (e.g. season, country) at `threshold`.
+
+    Args:
+        frame: label, score and the slice columns, one row per patch.
+
+    Returns:
+        One row per (column, value), sorted by both: column, value (as text), then binary_metrics' keys (patches and
+        positives are the slice sizes; metrics undefined on a slice, e.g. recall of a slice with no cloud, are NaN).
+    """
+    keys = [*COUNT_METRICS, *THRESHOLD_METRICS, *SCORE_METRICS]
+    rows = []
+    for column in columns:
+        for value, group in frame.groupby(frame[column].astype(str), sort=True):
+            values = binary_metrics(group["label"].to_numpy(), group["score"].to_numpy(), threshold)
+            rows.append({"column": column, "value": value, **{k: values[k] for k in keys}})
+    return pd.DataFrame(rows, columns=["column", "value", *keys])
+
+
+def as_scores(raw: Any, n: int) -> np.ndarray:
+    """Coerce a pyfunc model's output (array, list, Series or one-column DataFrame) to n cloud probabilities.
+
+    Raises:
+        EvaluationError: the output is not n finite numbers in [0, 1].
+    """
+    if isinstance(raw, pd.DataFrame):
+        if raw.shape[1] != 1:
+            raise EvaluationError(f"model returned a frame with columns {list(raw.columns)}; expected one score column")
+        raw = raw.iloc[:, 0]
+    try:
+        scores = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise EvaluationError(f"model returned {type(raw).__name__} that is not numeric: {exc}") from exc
+    if scores.ndim == 2 and scores.shape[1] == 1:  # a (n, 1) sigmoid output is a common Keras shape
+        scores = scores[:, 0]
+    if scores.shape != (n,):
+        raise EvaluationError(f"model returned scores of shape {scores.shape} for {n} patches; expected ({n},)")
+    bad = ~np.isfinite(scores) | (scores < 0) | (scores > 1)
+    if bad.any():
+        example = float(scores[bad][0])
+        raise EvaluationError(
+            f"model returned {int(bad.sum())} scores that are not probabilities in [0, 1], e.g. {example}"
+        )
+    return scores
+
+
+def predict(model: Any, frame: pd.DataFrame, tiles: Path, batch: int) -> np.ndarray:
+    """Cloud probabilities for the patches of `frame` (its patch_id column), `batch` patches per model call so that
+    memory stays bounded whatever the size of the set.
+
+    Raises:
+        EvaluationError: the model's output breaks the contract (see `as_scores`).
+    """
+    ids = frame["patch_id"].astype(str).tolist()
+    scores = np.empty(len(ids), dtype=np.float64)
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch]
+        scores[start : start + len(chunk)] = as_scores(model.predict(load_patches(tiles, chunk)), len(chunk))
+        log.debug("predicted %d of %d patches", start + len(chunk), len(ids))
+    return scores
+
+
+def assess(
+    predictions: pd.DataFrame, target_recall: float, slice_columns: tuple[str, ...] | list[str]
+) -> tuple[float, dict[str, float], pd.DataFrame]:
+    """Everything `evaluate` derives from the scores: the operating threshold (chosen on val), the flat metrics of
+    every set and the slices of test and natural at that threshold.
+
+    Args:
+        predictions: predictions.parquet's columns: set (val, test, natural), label, score and the slice columns.
+
+    Returns:
+        (operating threshold, metrics by flat name, slices: set, column, value, counts and metrics).
+
+    Raises:
+        ValueError: val holds no cloud patch.
+    """
+    val = predictions[predictions["set"] == "val"]
+    threshold = operating_threshold(val["label"].to_numpy(), val["score"].to_numpy(), target_recall)
+    if (val["score"] >= threshold).all():
+        log.warning(
+            "the operating threshold %g flags every val patch as cloud: the only way this model reaches recall %g",
+            threshold,
+            target_recall,
+        )
+    metrics: dict[str, float] = {OPERATING_THRESHOLD: threshold, TARGET_RECALL: target_recall}
+    slices = []
+    for name in SETS:
+        part = predictions[predictions["set"] == name]
+        labels, scores = part["label"].to_numpy(), part["score"].to_numpy()
+        metrics |= set_metrics(name, labels, scores, {AT_DEFAULT: DEFAULT_THRESHOLD, AT_OPERATING: threshold})
+        if name != "val":
+            slices.append(slice_metrics(part, threshold, slice_columns).assign(set=name))
+    frame = pd.concat(slices, ignore_index=True)
+    return threshold, metrics, frame[["set", *(c for c in frame.columns if c != "set")]]
+
+
+# --- plots (pure: arrays in, matplotlib Figure out; no pyplot, so no global backend state) ----------------------
+
+
+def render_rgb(patches: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """uint16 reflectance (n, h, w, >=3; R, G, B first) → uint8 RGB, stretched linearly between the given
+    percentiles of all the patches together: robust to a few saturated pixels, and patches rendered together keep
+    their relative brightness (a bright false positive looks bright next to a dark one)."""
+    rgb = np.asarray(patches)[..., :3].astype(np.float32)
+    if rgb.size == 0:
+        return rgb.astype(np.uint8)
+    low, high = (float(v) for v in np.percentile(rgb, percentiles))
+    scale = max(high - low, 1.0)  # a flat image must not divide by zero
+    return (np.clip((rgb - low) / scale, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # attach the Agg canvas to this figure only; matplotlib's global backend is untouched
+    return fig
+
+
+def threshold_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, target_recall: float) -> Any:
+    """Precision and recall against the threshold for each set (set → (labels, scores)), with the operating
+    threshold and the target recall marked. A set without both classes has no curve."""
+    from sklearn.metrics import precision_recall_curve
+
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    for (name, (labels, scores)), style in zip(curves.items(), ("-", "--", ":"), strict=False):
+        if len(np.unique(labels)) < 2:
+            continue
+        precision, recall, cuts = precision_recall_curve(labels, scores)
+        ax.plot(cuts, precision[:-1], style, color="tab:blue", label=f"precision ({name})")
+        ax.plot(cuts, recall[:-1], style, color="tab:orange", label=f"recall ({name})")
+    ax.axvline(threshold, color="black", linewidth=1, label=f"operating threshold {threshold:.4f}")
+    ax.axhline(target_recall, color="grey", linewidth=0.8, linestyle=":", label=f"target recall {target_recall:g}")
+    ax.set(xlabel="threshold (score >= threshold is cloud)", ylabel="precision, recall", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("Precision and recall against the threshold")
+    ax.legend(fontsize="small", loc="lower left")
+    return fig
+
+
+def pr_curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float) -> Any:
+    """Precision-recall curves (set → (labels, scores)), each set's operating point marked. A set without both
+    classes has no curve."""
+    from sklearn.metrics import precision_recall_curve
+
+    fig = _figure(6, 5)
+    ax = fig.add_subplot()
+    for name, (labels, scores) in curves.items():
+        if len(np.unique(labels)) < 2:
+            continue
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        at = binary_metrics(labels, scores, threshold)
+        (line,) = ax.step(recall, precision, where="post", label=f"{name} (AP {at['average_precision']:.3f})")
+        ax.plot(at["recall"], at["precision"], "o", color=line.get_color())
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.set_title(f"Precision-recall curve (dots: threshold {threshold:.4f})")
+    ax.legend(fontsize="small", loc="lower left")
+    return fig
+
+
+def confusion_figure(matrices: dict[str, dict[str, float]], threshold: float) -> Any:
+    """Confusion matrices (set → binary_metrics at the threshold), counts and row shares."""
+    fig = _figure(4.2 * len(matrices), 4)
+    for ax, (name, m) in zip(fig.subplots(1, len(matrices), squeeze=False)[0], matrices.items(), strict=True):
+        cells = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]], dtype=np.float64)
+        shares = cells / np.maximum(cells.sum(axis=1, keepdims=True), 1)
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(cells):
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(count)}\n{shares[i, j]:.1%}", ha="center", va="center", color=colour)
+        ax.set_xticks([0, 1], ["no_cloud", "cloud"])
+        ax.set_yticks([0, 1], ["no_cloud", "cloud"])
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+    fig.suptitle(f"Confusion matrix at threshold {threshold:.4f}")
+    return fig
+
+
+def worst_errors_figure(rows: dict[str, tuple[np.ndarray, list[str], np.ndarray]], columns: int) -> Any:
+    """An image grid, one row per kind of error (row title → (uint8 RGB images, patch ids, scores)), each image
+    titled with its patch id and score."""
+    fig = _figure(1.7 * columns + 0.4, 2.0 * len(rows))
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for axes_row, (title, (images, ids, scores)) in zip(axes, rows.items(), strict=True):
+        for ax in axes_row:
+            ax.set_axis_off()
+        for ax, image, patch_id, score in zip(axes_row, images, ids, scores, strict=False):
+            ax.imshow(image)
+            ax.set_title(f"{patch_id}\nscore {score:.3f}", fontsize=5)
+        label = title if len(ids) else f"{title}: none"
+        axes_row[0].text(-0.08, 0.5, label, rotation=90, va="center", ha="right", transform=axes_row[0].transAxes)
+    return fig
+
+
+def worst_errors(predictions: pd.DataFrame, threshold: float, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The k no-cloud patches with the highest scores at or above `threshold` (false positives, worst first) and the
+    k cloud patches with the lowest scores below it (false negatives), each patch_id once."""
+    unique = predictions.drop_duplicates("patch_id")
+    false_pos = unique[(unique["label"] == 0) & (unique["score"] >= threshold)]
+    false_neg = unique[(unique["label"] == 1) & (unique["score"] < threshold)]
+    return false_pos.nlargest(k, "score"), false_neg.nsmallest(k, "score")
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=120)
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+
+def _read_set(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise EvaluationError(f"{path}: not found (expected the sample step's output)")
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise EvaluationError(f"{path}: lacks column(s) {', '.join(missing)}")
+    frame = pd.read_parquet(path, columns=list(columns))
+    labels = frame["label"]
+    if labels.isna().any() or not labels.isin([0, 1]).all():
+        raise EvaluationError(f"{path}: column label holds values other than 0 and 1")
+    return frame.astype({"patch_id": "str", "label": "int8", "split": "str"})
+
+
+def _load_sets(manifest: Path, tiles: Path, columns: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+    """val, test and natural frames (patch_id, label, split and the slice columns), checked."""
+    wanted = tuple(dict.fromkeys((*_MANIFEST_COLUMNS, *columns)))
+    frame = _read_set(manifest, wanted)
+    natural = _read_set(manifest.parent / NATURAL_FILE, wanted)
+    sets = {"val": frame[frame["split"] == "val"], "test": frame[frame["split"] == "test"], "natural": natural}
+    for name, where in (("val", manifest), ("test", manifest), ("natural", manifest.parent / NATURAL_FILE)):
+        if sets[name].empty:
+            what = "is empty" if name == "natural" else f"has no {name} split"
+            raise EvaluationError(f"{where}: {what}; cannot evaluate")
+    val_classes = set(sets["val"]["label"].unique())
+    if val_classes != {0, 1}:
+        only = "cloud" if val_classes == {1} else "no_cloud"
+        raise EvaluationError(f"{manifest}: the val split holds only {only} patches; the threshold needs both classes")
+    for name in ("test", "natural"):
+        if sets[name]["label"].nunique() < 2:
+            log.warning("the %s set holds one class only: ROC-AUC, average precision and some rates are NaN", name)
+    index = tiles / INDEX_FILE
+    if not index.is_file():
+        raise EvaluationError(f"{index}: not found (expected the tile step's output)")
+    known = set(pd.read_parquet(index, columns=["patch_id"])["patch_id"].astype(str))
+    for name, part in sets.items():
+        absent = part.loc[~part["patch_id"].isin(known), "patch_id"]
+        if len(absent):
+            raise EvaluationError(
+                f"{index}: {len(absent)} patches of the {name} set are not tiled, e.g. {absent.iloc[0]}"
+            )
+    return {name: part.reset_index(drop=True) for name, part in sets.items()}
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
+
+
+def model_run_id(model_uri: str) -> str:
+    """The MLflow run a model belongs to: the run of `runs:/ID/...`, the source run of a registered version
+    (`models:/name@alias`, `models:/name/version`) or of a logged model (`models:/m-...`).
+
+    Raises:
+        EvaluationError: the URI has another form, or names a model or version the registry does not hold.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if match := _RUNS_URI.match(model_uri):
+        return match["run_id"]
+    match = _MODELS_URI.match(model_uri)
+    if not match:
+        raise EvaluationError(
+            f"model {model_uri!r}: expected runs:/ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    client = MlflowClient()
+    try:
+        if match["alias"]:
+            run_id = client.get_model_version_by_alias(match["name"], match["alias"]).run_id
+        elif match["version"]:
+            run_id = client.get_model_version(match["name"], match["version"]).run_id
+        else:
+            run_id = client.get_logged_model(match["name"]).source_run_id
+    except MlflowException as exc:
+        raise EvaluationError(f"model {model_uri!r}: {exc.message}") from exc
+    if not run_id:
+        raise EvaluationError(f"model {model_uri!r}: has no source run to log the evaluation to")
+    return run_id
+
+
+def _load_model(model_uri: str) -> Any:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise EvaluationError(f"model {model_uri!r}: cannot be loaded: {exc}") from exc
+
+
+def _check_run(run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise EvaluationError(f"run {run_id!r}: {exc.message}") from exc
+
+
+# --- outputs ------------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN (undefined metrics) becomes null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_artifacts(
+    out: Path,
+    predictions: pd.DataFrame,
+    slices: pd.DataFrame,
+    summary: dict[str, Any],
+    tiles: Path,
+    params: EvaluateParams,
+) -> None:
+    threshold = summary["threshold"]["operating"]
+
+    def arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+        part = predictions[predictions["set"] == name]
+        return part["label"].to_numpy(), part["score"].to_numpy()
+
+    write_json(out / METRICS_FILE, _jsonable(summary))
+    predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
+    slices.to_parquet(out / SLICES_FILE, index=False)
+    _save(
+        threshold_figure({"test": arrays("test"), "val": arrays("val")}, threshold, params.target_recall),
+        out / THRESHOLD_PLOT,
+    )
+    _save(pr_curve_figure({"test": arrays("test"), "natural": arrays("natural")}, threshold), out / PR_CURVE_PLOT)
+    matrices = {name: binary_metrics(*arrays(name), threshold) for name in ("test", "natural")}
+    _save(confusion_figure(matrices, threshold), out / CONFUSION_PLOT)
+    # Test and natural together: natural adds the real-world no-cloud look-alikes; the cloud patches are shared.
+    reported = predictions[predictions["set"].isin(["test", "natural"])]
+    false_pos, false_neg = worst_errors(reported, threshold, params.worst_examples)
+    ids = [*false_pos["patch_id"], *false_neg["patch_id"]]
+    images = render_rgb(load_patches(tiles, ids), params.stretch_percentiles) if ids else np.empty((0, 1, 1, 3))
+    rows = {
+        "false positives": (images[: len(false_pos)], false_pos["patch_id"].tolist(), false_pos["score"].to_numpy()),
+        "false negatives": (images[len(false_pos) :], false_neg["patch_id"].tolist(), false_neg["score"].to_numpy()),
+    }
+    _save(worst_errors_figure(rows, params.worst_examples), out / WORST_ERRORS_PLOT)
+
+
+def _log_to_run(run_id: str, directory: Path, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """Add metrics, tags and the evaluation/ artifacts to an existing run (active or finished) without reopening
+    it: MlflowClient calls, so no active-run state is touched."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(directory), artifact_path=EVALUATION_DIR)
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), stamp, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, value) for key, value in tags.items()],
+    )
+
+
+def evaluate(
+    *, model_uri: str, manifest: Path, tiles: Path, params: EvaluateParams, log_to_run: str | None
+) -> Evaluation:
+    """Evaluate a classifier on a sample set's val and test splits and its natural set; optionally log the results.
+
+    Args:
+        model_uri: a pyfunc model keeping the tasks.tracking contract (runs:/…, models:/name@alias, …).
+        manifest: a sample manifest; its val split picks the threshold, test and the `natural.parquet` beside it
+            are reported.
+        tiles: the tile step's output holding those patches.
+        params: the `evaluate` section.
+        log_to_run: the MLflow run to add metrics, tags and `evaluation/` artifacts to; None logs nothing (the gate
+            re-evaluates the champion on the challenger's data this way).
+
+    Raises:
+        EvaluationError: a missing file or column, no val or test split, one class only in val, patches missing from
+            the tiles, an unknown run or model, or model output that breaks the contract.
+    """
+    natural = manifest.parent / NATURAL_FILE
+    sets = _load_sets(manifest, tiles, params.slice_columns)
+    if log_to_run is not None:
+        _check_run(log_to_run)  # before the slow part
+    log.info(
+        "evaluating %s on %s (val %d, test %d, natural %d patches) with tiles %s, target recall %g, batch %d",
+        model_uri,
+        manifest,
+        *(len(sets[name]) for name in SETS),
+        tiles,
+        params.target_recall,
+        params.batch_size,
+    )
+    model = _load_model(model_uri)
+    frame = pd.concat([part.assign(set=name) for name, part in sets.items()], ignore_index=True)
+    unique = frame.drop_duplicates("patch_id")  # natural's cloud patches are the test split's: predict them once
+    try:
+        scores = predict(model, unique, tiles, params.batch_size)
+    except EvaluationError as exc:
+        raise EvaluationError(f"model {model_uri!r}: {exc}") from exc
+    frame["score"] = frame["patch_id"].map(pd.Series(scores, index=unique["patch_id"].to_numpy()))
+    predictions = frame[["patch_id", "set", "label", "score", *dict.fromkeys(params.slice_columns)]]
+
+    threshold, metrics, slice_frame = assess(predictions, params.target_recall, params.slice_columns)
+
+    summary = {
+        "model_uri": model_uri,
+        "run_id": log_to_run,
+        "threshold": {
+            "operating": threshold,
+            "default": DEFAULT_THRESHOLD,
+            "target_recall": params.target_recall,
+            "chosen_on": "val",
+            "rule": "score >= threshold is cloud; operating = highest threshold with val recall >= target_recall",
+        },
+        "metrics": metrics,
+        "data": {
+            "manifest": str(manifest.resolve()),
+            "natural": str(natural.resolve()),
+            "tiles": str(tiles.resolve()),
+            "manifest_sha256": file_digest(manifest, "sha256"),
+            "natural_sha256": file_digest(natural, "sha256"),
+            "counts": {name: {"patches": len(part), "cloud": int(part["label"].sum())} for name, part in sets.items()},
+        },
+        "params": params.model_dump(mode="json"),
+        "artifacts": list(ARTIFACTS),
+    }
+    if log_to_run is not None:
+        tags = {
+            TAG_MODEL_URI: model_uri,
+            TAG_MANIFEST: summary["data"]["manifest"],
+            TAG_NATURAL: summary["data"]["natural"],
+            TAG_TILES: summary["data"]["tiles"],
+            TAG_MANIFEST_SHA256: summary["data"]["manifest_sha256"],
+            TAG_NATURAL_SHA256: summary["data"]["natural_sha256"],
+        }
+        with tempfile.TemporaryDirectory(prefix="cloudscreen-evaluate-") as tmp:
+            _write_artifacts(Path(tmp), predictions, slice_frame, summary, tiles, params)
+            _log_to_run(log_to_run, Path(tmp), metrics, tags)
+    log.info(
+        "%s: operating threshold %.4f (val recall %.4f); test recall %.4f precision %.4f ROC-AUC %.4f; natural "
+        "recall %.4f precision %.4f%s",
+        model_uri,
+        threshold,
+        metrics["val_op_recall"],
+        metrics["test_op_recall"],
+        metrics["test_op_precision"],
+        metrics["test_roc_auc"],
+        metrics["natural_op_recall"],
+        metrics["natural_op_precision"],
+        f"; logged to run {log_to_run}" if log_to_run else "",
+    )
+    return Evaluation(
+        model_uri=model_uri,
+        run_id=log_to_run,
+        threshold=threshold,
+        target_recall=params.target_recall,
+        metrics=metrics,
+        predictions=predictions.reset_index(drop=True),
+        slices=slice_frame,
+        summary=summary,
+    )
+
+
+SUMMARY_METRICS = (
+    OPERATING_THRESHOLD,
+    "val_op_recall",
+    "test_op_recall",
+    "test_op_precision",
+    "test_roc_auc",
+    "natural_op_recall",
+    "natural_op_precision",
+)
+
+
+def main() -> None:
+    p = cli.parser(__doc__.splitlines()[0])
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run-id", help="evaluate this run's model (runs:/ID/model) and log to the run")
+    model.add_argument(
+        "--model", help="evaluate models:/NAME@ALIAS or models:/NAME/VERSION and log to its version's source run"
+    )
+    p.add_argument("--manifest", type=Path, required=True, help="a sample manifest.parquet (natural.parquet beside)")
+    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output holding the patches")
+    args = p.parse_args()
+    cli.configure_logging(args.verbose)
+    params = load_section("evaluate", EvaluateParams, args.params, args.overrides)
+    model_uri = run_model_uri(args.run_id) if args.run_id else args.model
+    run_id = args.run_id or model_run_id(model_uri)
+    result = evaluate(model_uri=model_uri, manifest=args.manifest, tiles=args.tiles, params=params, log_to_run=run_id)
+    summary = {"model_uri": result.model_uri, "run_id": result.run_id, "target_recall": result.target_recall}
+    summary |= {name: result.metrics[name] for name in SUMMARY_METRICS}
+    print(json.dumps(_jsonable(summary), indent=2))
+
+
+if __name__ == "__main__":
+    cli.run(main)
