@@ -28,6 +28,7 @@ from tasks.tile import PATCH_PX
 log = logging.getLogger(__name__)
 
 RGB_CHANNELS = ["B04", "B03", "B02"]
+PATCH_SHAPE = (PATCH_PX, PATCH_PX, len(RGB_CHANNELS))
 MANIFEST_COLUMNS = ("patch_id", "label", "split", "shard", "offset")
 _STATS_CHUNK = 512  # patches per step when computing channel statistics (bounded memory on any set size)
 

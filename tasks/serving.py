@@ -39,3 +39,24 @@ class RawPatchClassifier(mlflow.pyfunc.PythonModel):
             for i in range(0, len(patches), self.batch_size)
         ]
         return np.concatenate(scores).astype(np.float32) if scores else np.empty(0, np.float32)
+
+
+SKLEARN_ARTIFACT = "sklearn_pipeline"  # the joblib file of the baseline's fitted scaler + SGD pipeline
+
+
+class FlatPixelBaseline(mlflow.pyfunc.PythonModel):
+    """The seed project's floor: logistic regression (SGD) on the flattened raw pixels, served by the same contract."""
+
+    def load_context(self, context: Any) -> None:
+        import joblib
+
+        self.pipeline = joblib.load(context.artifacts[SKLEARN_ARTIFACT])
+
+    def predict(self, context, model_input, params=None):
+        patches = np.asarray(model_input)
+        if patches.ndim == 3:
+            patches = patches[None]
+        if patches.shape[1:] != PATCH_SHAPE:
+            raise ValueError(f"expected raw uint16 patches (n, 120, 120, 3) in R, G, B order, got {patches.shape}")
+        flat = patches.reshape(len(patches), -1).astype(np.float32)
+        return self.pipeline.predict_proba(flat)[:, 1].astype(np.float32)

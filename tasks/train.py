@@ -118,7 +118,8 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     return {label: len(labels) / (2 * int(count)) for label, count in enumerate(counts)}
 
 
-def _splits(manifest_path: Path, params: TrainParams) -> dict[str, pd.DataFrame]:
+def read_splits(manifest_path: Path, max_train_patches: int | None = None) -> dict[str, pd.DataFrame]:
+    """The train and val splits of a manifest, each with both classes; train capped per class when asked."""
     manifest = inputs.read_manifest(manifest_path)
     splits = {name: manifest[manifest["split"] == name] for name in ("train", "val")}
     for name, frame in splits.items():
@@ -127,12 +128,12 @@ def _splits(manifest_path: Path, params: TrainParams) -> dict[str, pd.DataFrame]
             raise inputs.InputError(
                 f"{manifest_path}: the {name} split needs both classes; it holds labels {present or 'none'}"
             )
-    if params.max_train_patches:
-        splits["train"] = splits["train"].groupby("label", group_keys=False).head(params.max_train_patches)
+    if max_train_patches:
+        splits["train"] = splits["train"].groupby("label", group_keys=False).head(max_train_patches)
     return splits
 
 
-def _dataset_params(manifest_path: Path, splits: dict[str, pd.DataFrame], test_rows: int) -> dict[str, Any]:
+def dataset_params(manifest_path: Path, splits: dict[str, pd.DataFrame], test_rows: int) -> dict[str, Any]:
     flat: dict[str, Any] = {
         "dataset": manifest_path.parent.name,
         "manifest": str(manifest_path),
@@ -189,7 +190,6 @@ def _nvidia_driver() -> str:
 
 def _epoch_logger(train_images: int, state: _RunState) -> Any:
     import keras
-
     import mlflow
 
     class EpochLogger(keras.callbacks.Callback):
@@ -283,11 +283,10 @@ def train(
         ConfigError: the cost table has no price for the configured machine.
     """
     import keras
+    import mlflow
     import tensorflow as tf
 
-    import mlflow
-
-    splits = _splits(manifest, params)
+    splits = read_splits(manifest, params.max_train_patches)
     state = _RunState.load(checkpoint_dir)
     if state.status == "finished":
         log.info("%s holds finished run %s: not training again", checkpoint_dir, state.run_id)
@@ -350,7 +349,7 @@ def train(
             mlflow.log_params(
                 params.model_dump(exclude={"experiment", "system_metrics_interval_seconds"})
                 | {f"model_{k}": v for k, v in describe(model_params).items()}
-                | _dataset_params(manifest, splits, int((full["split"] == "test").sum()))
+                | dataset_params(manifest, splits, int((full["split"] == "test").sum()))
                 | {
                     "class_weight": json.dumps(weights) if weights else "none",
                     "replicas": strategy.num_replicas_in_sync,
@@ -360,7 +359,7 @@ def train(
                 }
             )
             dataset = mlflow.data.from_pandas(
-                full, source=str(manifest), name=_dataset_name(manifest, lineage), targets="label"
+                full, source=str(manifest), name=dataset_name(manifest, lineage), targets="label"
             )
             mlflow.log_input(dataset, context="training")
         else:
@@ -410,7 +409,7 @@ def train(
     return TrainResult(state.run_id, version, state.epochs, metrics)
 
 
-def _dataset_name(manifest: Path, lineage: tracking.Lineage) -> str:
+def dataset_name(manifest: Path, lineage: tracking.Lineage) -> str:
     snapshot = lineage.snapshot or manifest.parent.parent.name
     return f"{snapshot}/{manifest.parent.name}"
 
@@ -431,10 +430,10 @@ def _log_model(
     variance: list[float],
     register: TrainParams | None,
 ) -> str | None:
+    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    import mlflow
     from tasks import serving
 
     mlflow.log_dict(

@@ -10,6 +10,7 @@ from tasks.validate import ValidateParams
 
 
 def test_every_section_of_params_yaml_loads_into_its_model():
+    from tasks.baseline import BaselineParams
     from tasks.download import DownloadParams
     from tasks.evaluate import EvaluateParams
     from tasks.gate import GateParams
@@ -28,6 +29,7 @@ def test_every_section_of_params_yaml_loads_into_its_model():
         "model": ModelParams,
         "train": TrainParams,
         "cost": CostParams,
+        "baseline": BaselineParams,
         "evaluate": EvaluateParams,
         "gate": GateParams,
     }

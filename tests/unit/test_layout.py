@@ -39,7 +39,18 @@ def test_importing_tasks_has_no_side_effects(tmp_path):
 
 
 def test_the_steps_are_the_ones_the_design_names():
-    assert {"mirror", "download", "validate", "tile", "versioning"} <= set(STEP_MODULES)
+    assert {
+        "mirror",
+        "download",
+        "validate",
+        "tile",
+        "sample",
+        "versioning",
+        "train",
+        "baseline",
+        "evaluate",
+        "gate",
+    } <= set(STEP_MODULES)
 
 
 @pytest.mark.parametrize("module", STEP_MODULES)

@@ -1,0 +1,195 @@
+"""The floor every model is compared against: logistic regression by SGD on flattened raw pixels.
+
+The seed project's baseline (accuracy about 0.65), rebuilt as a logged MLflow run with the same dataset params,
+per-epoch metric names, lineage tags, cost and model contract as tasks.train, so the two sit side by side in the
+MLflow UI and tasks.evaluate measures both the same way. Trained with `partial_fit` over chunks read from the
+memory-mapped shards, so it runs on any set size in bounded memory. It is not registered: it is a yardstick, never
+a candidate for champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from tasks import cli, inputs, tracking
+from tasks.config import StepParams, load_section
+from tasks.train import CostParams, TrainParams, cost_usd, dataset_name, dataset_params, hardware_tags, read_splits
+
+log = logging.getLogger(__name__)
+
+
+class BaselineParams(StepParams):
+    alpha: float = Field(gt=0)
+    average: bool
+    epochs: int = Field(gt=0)
+    chunk_patches: int = Field(gt=0)
+    seed: int
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    run_id: str
+    metrics: dict[str, float]
+
+
+def _flat(source: inputs.PatchSource, frame: pd.DataFrame) -> np.ndarray:
+    return source.frame_patches(frame).reshape(len(frame), -1).astype(np.float32)
+
+
+def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    return [frame.iloc[i : i + size] for i in range(0, len(frame), size)]
+
+
+def _scores(pipeline: Any, source: inputs.PatchSource, frame: pd.DataFrame, size: int) -> np.ndarray:
+    return np.concatenate([pipeline.predict_proba(_flat(source, c))[:, 1] for c in _chunks(frame, size)])
+
+
+def _epoch_metrics(prefix: str, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    from sklearn import metrics
+
+    predicted = scores >= 0.5
+    return {
+        f"{prefix}_loss": metrics.log_loss(labels, scores, labels=[0, 1]),
+        f"{prefix}_accuracy": metrics.accuracy_score(labels, predicted),
+        f"{prefix}_precision": metrics.precision_score(labels, predicted, zero_division=0),
+        f"{prefix}_recall": metrics.recall_score(labels, predicted, zero_division=0),
+        f"{prefix}_auc": metrics.roc_auc_score(labels, scores),
+    }
+
+
+def baseline(
+    *,
+    manifest: Path,
+    tiles: Path,
+    params: BaselineParams,
+    train_params: TrainParams,
+    cost: CostParams,
+    lineage: tracking.Lineage,
+) -> BaselineResult:
+    """Fit the baseline on `manifest`'s train split, log per-epoch train/val metrics and the model to MLflow.
+
+    `train_params` supplies the experiment and the train-split cap (max_train_patches) shared with tasks.train.
+
+    Raises:
+        InputError: the manifest or tiles cannot feed training (names the file and the fault).
+    """
+    import mlflow
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    started = time.monotonic()
+    splits = read_splits(manifest, train_params.max_train_patches)
+    source = inputs.PatchSource(tiles)
+    cost = cost.from_environment()
+    train, val = splits["train"], splits["val"]
+    rng = np.random.default_rng(params.seed)
+    scaler = StandardScaler()
+    for chunk in _chunks(train, params.chunk_patches):  # normalisation from the train split only, as for the CNN
+        scaler.partial_fit(_flat(source, chunk))
+    model = SGDClassifier(loss="log_loss", alpha=params.alpha, average=params.average, random_state=params.seed)
+    pipeline = make_pipeline(scaler, model)
+    log.info("baseline: SGD logistic regression on %d train patches of %s", len(train), manifest)
+
+    mlflow.set_experiment(train_params.experiment)
+    tags = lineage.tags() | hardware_tags() | {tracking.TAG_KIND: "baseline"}
+    with mlflow.start_run(run_name="sgd-baseline", tags=tags, nested=mlflow.active_run() is not None) as run:
+        full = inputs.read_manifest(manifest)
+        mlflow.log_params(
+            params.model_dump()
+            | {"model_architecture": "sgd_logistic_flat_pixels", "features": int(np.prod(inputs.PATCH_SHAPE))}
+            | dataset_params(manifest, splits, int((full["split"] == "test").sum()))
+            | {"machine_type": cost.machine_type, "accelerator": cost.accelerator, "tiles": str(tiles)}
+        )
+        ds = mlflow.data.from_pandas(full, source=str(manifest), name=dataset_name(manifest, lineage), targets="label")
+        mlflow.log_input(ds, context="training")
+        for epoch in range(params.epochs):
+            epoch_started = time.perf_counter()
+            order = train.iloc[rng.permutation(len(train))]
+            for chunk in _chunks(order, params.chunk_patches):
+                model.partial_fit(scaler.transform(_flat(source, chunk)), chunk["label"].to_numpy(), classes=[0, 1])
+            seconds = time.perf_counter() - epoch_started
+            metrics = _epoch_metrics("train", train["label"].to_numpy(), _scores(pipeline, source, train, 1024))
+            metrics |= _epoch_metrics("val", val["label"].to_numpy(), _scores(pipeline, source, val, 1024))
+            metrics |= {"epoch_seconds": seconds, "images_per_second": len(train) / seconds}
+            mlflow.log_metrics(metrics, step=epoch)
+            log.info("baseline epoch %d/%d: val_auc %.3f", epoch + 1, params.epochs, metrics["val_auc"])
+
+        seconds = time.monotonic() - started
+        spent = cost_usd(seconds, cost, accelerators=0)
+        images = params.epochs * len(train)
+        mlflow.log_metrics(
+            {
+                "epochs_run": params.epochs,
+                "train_seconds": seconds,
+                "cost_usd": spent,
+                "cost_usd_per_1k_images": spent / images * 1000,
+            }
+        )
+        _log_model(pipeline, source, train)
+        metrics = mlflow.get_run(run.info.run_id).data.metrics
+    log.info("baseline run %s: val_auc %.3f", run.info.run_id, metrics["val_auc"])
+    return BaselineResult(run.info.run_id, metrics)
+
+
+def _log_model(pipeline: Any, source: inputs.PatchSource, train: pd.DataFrame) -> None:
+    import joblib
+    import mlflow
+    import sklearn
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from tasks import serving
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *serving.PATCH_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "pipeline.joblib"
+        joblib.dump(pipeline, saved)
+        mlflow.pyfunc.log_model(
+            name=tracking.MODEL_ARTIFACT,
+            python_model=serving.FlatPixelBaseline(),
+            artifacts={serving.SKLEARN_ARTIFACT: str(saved)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=signature,
+            input_example=source.frame_patches(train.head(2)),
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}", "joblib"],
+        )
+
+
+def main() -> None:
+    p = cli.parser("Fit the SGD logistic-regression baseline on a sample manifest and log it to MLflow.")
+    p.add_argument("--manifest", type=Path, required=True, help="samples/<snapshot>/<set>/manifest.parquet")
+    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory")
+    p.add_argument("--snapshot", help="lineage: the snapshot trained on (default: $CLOUDSCREEN_SNAPSHOT)")
+    p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+    args = p.parse_args()
+    cli.configure_logging(args.verbose)
+
+    def body() -> None:
+        result = baseline(
+            manifest=args.manifest,
+            tiles=args.tiles,
+            params=load_section("baseline", BaselineParams, args.params, args.overrides),
+            train_params=load_section("train", TrainParams, args.params, args.overrides),
+            cost=load_section("cost", CostParams, args.params, args.overrides),
+            lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
+        )
+        print(result.run_id)
+
+    cli.run(body)
+
+
+if __name__ == "__main__":
+    main()
