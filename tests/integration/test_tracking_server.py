@@ -51,10 +51,10 @@ def _group_members(pattern: str) -> tuple[set[int], set[int]]:
 def test_runs_models_and_aliases_round_trip_and_artifacts_land_in_the_bucket(
     mlflow_server, gcs_emulator, monkeypatch, tmp_path
 ):
-    import pandas as pd
-
     import mlflow
+    import pandas as pd
     from mlflow import MlflowClient
+
     from tasks.storage import gcs_client
 
     emulator, bucket = gcs_emulator  # the instance the server writes to (both fixtures are function-scoped)

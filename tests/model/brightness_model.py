@@ -9,11 +9,10 @@ which breaks the contract) to exercise output coercion and its errors.
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
-
-import mlflow
 
 
 class BrightnessModel(PythonModel):

@@ -180,6 +180,7 @@ def test_artifacts_are_all_there_and_readable(downloaded, evaluation, training_d
 
 def test_tags_record_the_model_and_data(evaluation, training_data):
     from mlflow import MlflowClient
+
     from tasks.storage import file_digest
 
     tags = MlflowClient().get_run(evaluation.run_id).data.tags
