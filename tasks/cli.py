@@ -39,6 +39,8 @@ def configure_logging(verbose: bool) -> None:
     # validation report already names with its reason.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    # The GCS emulator logs a missing object at ERROR; clients probing for existence (MLflow, DVC) expect misses.
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
 
 
 def run(main: Callable[[], None]) -> None:

@@ -31,6 +31,7 @@ class ModelParams(StepParams):
     conv_layers: list[ConvLayer] = Field(min_length=1)
     dense_units: int = Field(gt=0)
     initializer: str
+    batch_norm_momentum: float = Field(gt=0, lt=1)
     weights: Path | None
     freeze_backbone: bool
 
@@ -50,6 +51,7 @@ def describe(params: ModelParams) -> dict[str, Any]:
             flat[f"conv{i}"] = f"{layer.filters}x{layer.kernel}x{layer.kernel}/pool{layer.pool}"
         flat["dense_units"] = params.dense_units
         flat["initializer"] = params.initializer
+        flat["batch_norm_momentum"] = params.batch_norm_momentum
     else:
         flat["weights"] = str(params.weights) if params.weights else "scratch"
         flat["freeze_backbone"] = params.freeze_backbone
@@ -68,14 +70,14 @@ def build_model(params: ModelParams, mean: list[float], variance: list[float]) -
             x = layers.Conv2D(
                 layer.filters, layer.kernel, use_bias=False, kernel_initializer=params.initializer, activation="relu"
             )(x)
-            x = layers.BatchNormalization()(x)
+            x = layers.BatchNormalization(momentum=params.batch_norm_momentum)(x)
             if layer.pool > 1:
                 x = layers.MaxPooling2D(layer.pool)(x)
         x = layers.Flatten()(x)
         x = layers.Dense(params.dense_units, use_bias=False, kernel_initializer=params.initializer, activation="relu")(
             x
         )
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=params.batch_norm_momentum)(x)
     else:
         x = _backbone(params)(x)
     outputs = layers.Dense(1, activation="sigmoid", name="cloud")(x)

@@ -16,10 +16,12 @@ later failure does not train twice).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -220,6 +222,7 @@ class _RunState:
     """run.json in the checkpoint directory: lets a restarted trainer continue its MLflow run, or reuse it."""
 
     path: Path | None
+    inputs: str = ""  # fingerprint of manifest, tiles and params: a checkpoint only resumes the training it belongs to
     run_id: str = ""
     status: str = "running"
     epochs: int = 0
@@ -228,11 +231,14 @@ class _RunState:
     started: float = 0.0
 
     @classmethod
-    def load(cls, checkpoint_dir: Path | None) -> _RunState:
+    def load(cls, checkpoint_dir: Path | None, inputs: str) -> _RunState:
         path = checkpoint_dir / RUN_STATE_FILE if checkpoint_dir else None
-        state = cls(path, started=time.monotonic())
+        state = cls(path, inputs, started=time.monotonic())
         if path and path.is_file():
             saved = json.loads(path.read_text())
+            if saved.get("inputs") != inputs:
+                log.warning("%s belongs to other inputs or params: training from scratch", checkpoint_dir)
+                return state
             state.run_id, state.status, state.epochs = saved["run_id"], saved["status"], saved["epochs"]
             state.seconds_before, state.model_version = saved["seconds"], saved.get("model_version")
         return state
@@ -243,8 +249,8 @@ class _RunState:
 
     def save(self) -> None:
         if self.path:
-            record = {"run_id": self.run_id, "status": self.status, "epochs": self.epochs, "seconds": self.seconds}
-            write_json(self.path, record | {"model_version": self.model_version})
+            record = {"inputs": self.inputs, "run_id": self.run_id, "status": self.status, "epochs": self.epochs}
+            write_json(self.path, record | {"seconds": self.seconds, "model_version": self.model_version})
 
 
 @contextlib.contextmanager
@@ -287,7 +293,16 @@ def train(
     import tensorflow as tf
 
     splits = read_splits(manifest, params.max_train_patches)
-    state = _RunState.load(checkpoint_dir)
+    fingerprint = _fingerprint(manifest, tiles, params, model_params, register)
+    state = _RunState.load(checkpoint_dir, fingerprint)
+    if state.run_id and not _run_exists(state.run_id):
+        # The checkpoint belongs to a tracking store that is gone (a new server, a deleted database): start over.
+        log.warning(
+            "%s names run %s, unknown to the tracking store: training from scratch", checkpoint_dir, state.run_id
+        )
+        state = _RunState(state.path, fingerprint, started=time.monotonic())
+    if checkpoint_dir and not state.run_id:
+        shutil.rmtree(checkpoint_dir / BACKUP_DIR, ignore_errors=True)  # weights of some other training
     if state.status == "finished":
         log.info("%s holds finished run %s: not training again", checkpoint_dir, state.run_id)
         metrics = mlflow.get_run(state.run_id).data.metrics
@@ -407,6 +422,31 @@ def train(
         metrics = mlflow.get_run(run.info.run_id).data.metrics
     log.info("run %s: %d epochs, model version %s, cost $%.4f", state.run_id, state.epochs, version, spent)
     return TrainResult(state.run_id, version, state.epochs, metrics)
+
+
+def _fingerprint(manifest: Path, tiles: Path, params: TrainParams, model: ModelParams, register: bool) -> str:
+    from tasks.storage import file_digest
+    from tasks.tile import INDEX_FILE
+
+    record = {
+        "manifest": file_digest(manifest, "sha256") if manifest.is_file() else str(manifest),
+        "tiles_index": file_digest(tiles / INDEX_FILE, "sha256") if (tiles / INDEX_FILE).is_file() else str(tiles),
+        "train": params.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "register": register,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def dataset_name(manifest: Path, lineage: tracking.Lineage) -> str:

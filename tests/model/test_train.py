@@ -220,6 +220,13 @@ def test_a_killed_trainer_resumes_in_the_same_run_and_a_finished_one_is_not_retr
     assert third.returncode == 0 and third.stdout.strip() == killed["run_id"]
     assert "not training again" in third.stderr
 
+    # the same checkpoint directory with other params is another training, not a resumption
+    other = subprocess.run(
+        [*command, "--set-param", "learning_rate=0.001"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert other.returncode == 0 and other.stdout.strip() != killed["run_id"]
+    assert "belongs to other inputs or params" in other.stderr
+
 
 def test_a_missing_manifest_is_a_one_line_error_naming_it(training_data, tmp_path):
     missing = tmp_path / "nowhere" / "manifest.parquet"
