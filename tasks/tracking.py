@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from tasks.errors import CloudscreenError
+
 MODEL_ARTIFACT = "model"  # the pyfunc model that takes raw uint16 patches
 KERAS_ARTIFACT = "keras_model"  # the same network in the Keras flavor, for Keras users
 EVALUATION_DIR = "evaluation"  # artifacts written by tasks.evaluate
@@ -36,7 +38,26 @@ TAG_GATE_REASONS = "cloudscreen.gate.reasons"
 
 
 def run_model_uri(run_id: str) -> str:
-    """The URI of a run's pyfunc classifier."""
+    """The URI of a run's pyfunc classifier: `models:/<model id>` of the logged model named `model`.
+
+    MLflow 3 keeps logged models beside the run, not among its artifacts: a `runs:/ID/model` URI is first looked up
+    as a run artifact, which through a proxying tracking server means several retried 404s (minutes). The logged
+    model's own URI goes straight to it. Falls back to `runs:/` for runs logged before MLflow 3.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise CloudscreenError(f"run {run_id}: {exc.message}") from exc
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_ARTIFACT}'",
+    )
+    if found:
+        return f"models:/{found[0].model_id}"
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 

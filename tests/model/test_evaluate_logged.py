@@ -227,8 +227,9 @@ def test_an_unknown_run_or_a_model_breaking_the_contract_is_an_error(tracking_ro
     run_id, _ = log_brightness_model(tracking_root, output="percent")
     with pytest.raises(EvaluationError, match="run 'nosuchrun'"):
         ev.evaluate(model_uri=run_model_uri(run_id), log_to_run="nosuchrun", **common)
-    with pytest.raises(EvaluationError, match=rf"runs:/{run_id}/model.*not probabilities in \[0, 1\]"):
-        ev.evaluate(model_uri=run_model_uri(run_id), log_to_run=run_id, **common)
+    uri = run_model_uri(run_id)
+    with pytest.raises(EvaluationError, match=rf"{uri}.*not probabilities in \[0, 1\]"):
+        ev.evaluate(model_uri=uri, log_to_run=run_id, **common)
 
 
 def test_cli_evaluates_a_registered_alias_and_prints_a_summary(evaluation, logged, training_data):
@@ -264,6 +265,8 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
         sys.executable,
         "-m",
         "tasks.evaluate",
+        "--params",
+        str(REPO / "params.yaml"),
         "--run-id",
         "abc",
         "--manifest",
@@ -271,6 +274,7 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
         "--tiles",
         str(tmp_path),
     ]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert f"{tmp_path / 'manifest.parquet'}: not found" in done.stderr and "Traceback" not in done.stderr
+    assert "run abc: Run with id=abc not found" in done.stderr and "Traceback" not in done.stderr
