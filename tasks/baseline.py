@@ -9,7 +9,9 @@ a candidate for champion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -178,14 +180,15 @@ def main() -> None:
     cli.configure_logging(args.verbose)
 
     def body() -> None:
-        result = baseline(
-            manifest=args.manifest,
-            tiles=args.tiles,
-            params=load_section("baseline", BaselineParams, args.params, args.overrides),
-            train_params=load_section("train", TrainParams, args.params, args.overrides),
-            cost=load_section("cost", CostParams, args.params, args.overrides),
-            lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run" links: stdout is the run id's
+            result = baseline(
+                manifest=args.manifest,
+                tiles=args.tiles,
+                params=load_section("baseline", BaselineParams, args.params, args.overrides),
+                train_params=load_section("train", TrainParams, args.params, args.overrides),
+                cost=load_section("cost", CostParams, args.params, args.overrides),
+                lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
+            )
         print(result.run_id)
 
     cli.run(body)

@@ -552,15 +552,16 @@ def main() -> None:
         overrides = args.overrides + [
             item if "." in item.partition("=")[0] else f"train.{item}" for item in args.set_param
         ]
-        result = train(
-            manifest=args.manifest,
-            tiles=args.tiles,
-            params=load_section("train", TrainParams, args.params, overrides),
-            model_params=load_section("model", ModelParams, args.params, overrides),
-            cost=load_section("cost", CostParams, args.params, overrides),
-            lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
-            checkpoint_dir=args.checkpoint_dir,
-        )
+        with _stdout_to_stderr():  # Keras' progress bar and MLflow's "View run" links: stdout is the run id's
+            result = train(
+                manifest=args.manifest,
+                tiles=args.tiles,
+                params=load_section("train", TrainParams, args.params, overrides),
+                model_params=load_section("model", ModelParams, args.params, overrides),
+                cost=load_section("cost", CostParams, args.params, overrides),
+                lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
+                checkpoint_dir=args.checkpoint_dir,
+            )
         if args.xcom_out:
             write_json(args.xcom_out, {"run_id": result.run_id, "model_version": result.model_version})
         print(result.run_id)
