@@ -102,9 +102,10 @@ def baseline(
     pipeline = make_pipeline(scaler, model)
     log.info("baseline: SGD logistic regression on %d train patches of %s", len(train), manifest)
 
-    mlflow.set_experiment(train_params.experiment)
     tags = lineage.tags() | hardware_tags() | {tracking.TAG_KIND: "baseline"}
-    with mlflow.start_run(run_name="sgd-baseline", tags=tags, nested=mlflow.active_run() is not None) as run:
+    experiment = tracking.experiment_id(train_params.experiment)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=experiment, run_name="sgd-baseline", tags=tags, nested=nested) as run:
         full = inputs.read_manifest(manifest)
         mlflow.log_params(
             params.model_dump()

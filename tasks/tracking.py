@@ -105,3 +105,26 @@ def _git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment `name` (MLFLOW_EXPERIMENT_NAME wins when set), created when missing.
+
+    Runs are started with this id explicitly: `mlflow.set_experiment` would also set MLFLOW_EXPERIMENT_ID in the
+    environment, which every later run and subprocess then follows, whatever tracking store it talks to.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a concurrent run
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id

@@ -344,17 +344,16 @@ def train(
         source, splits["val"], inputs.PipelineSettings(params.batch_size, False, False, params.seed)
     )
 
-    if (
-        params.experiment
-        and not os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        and not os.environ.get("MLFLOW_EXPERIMENT_ID")
-    ):
-        mlflow.set_experiment(params.experiment)
     mlflow.set_system_metrics_sampling_interval(params.system_metrics_interval_seconds)
     tags = lineage.tags() | hardware_tags() | {tracking.TAG_KIND: kind}
     nested = mlflow.active_run() is not None
     with mlflow.start_run(
-        run_id=state.run_id or None, run_name=run_name, nested=nested, tags=tags, log_system_metrics=True
+        run_id=state.run_id or None,
+        experiment_id=None if state.run_id else tracking.experiment_id(params.experiment),
+        run_name=run_name,
+        nested=nested,
+        tags=tags,
+        log_system_metrics=True,
     ) as run:
         resumed = bool(state.run_id)
         state.run_id = run.info.run_id

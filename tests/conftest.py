@@ -82,3 +82,27 @@ def build_training_data(out: Path, *, patches: int = 240, seed: int = 11, per_cl
 @pytest.fixture(scope="session")
 def training_data(tmp_path_factory) -> TrainingData:
     return build_training_data(tmp_path_factory.mktemp("training_data"))
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_state_between_tests(monkeypatch):
+    """Each test finds MLflow as a fresh process would: no active run, no cached experiment, no tracking URI set in
+    code (each test module points MLFLOW_TRACKING_URI at a store of its own)."""
+    _reset_mlflow()
+    yield
+    _reset_mlflow()
+
+
+def _reset_mlflow() -> None:
+    import os
+    import sys
+
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it for subprocesses
+    if "mlflow" not in sys.modules:  # importing MLflow costs seconds: tests that never did need no reset
+        return
+    import mlflow
+    import mlflow.tracking.fluent
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.tracking.fluent._active_experiment_id = None

@@ -334,7 +334,7 @@ def test_the_first_run_bootstraps(gate_data, register):
     assert verdict.decision == BOOTSTRAP, verdict.reasons
     assert verdict.champion is None and verdict.paired is None
     assert all(c["passed"] for c in verdict.checks)
-    assert any("test_op_recall 1.0000 meets the floor 0.9200 (no champion)" in r for r in verdict.reasons)
+    assert any("test_op_recall 1.0000 meets the floor 0.9000 (no champion)" in r for r in verdict.reasons)
     state = registry("gate-first")
     assert state["aliases"] == {CHALLENGER: 1, CHAMPION: 1}
     assert state["tags"]["1"][TAG_GATE_DECISION] == BOOTSTRAP and state["tags"]["1"][TAG_GATE_REPLACED] == ""
