@@ -42,6 +42,7 @@ test: lint
 bench: setup
 	$(PY) -m bench.ingest
 	$(PY) -m bench.tile
+	$(PY) -m bench.train_input
 
 # Foreground, Ctrl-C stops it. Configured by the MLFLOW_* variables of mlflow/server.sh (see mlflow/README.md).
 tracking: setup

@@ -5,9 +5,12 @@ so a set far larger than memory trains the same way as the embedded default. The
 float32; normalisation lives inside the model (tasks.model), so what is served is what was trained.
 
 Augmentation (train split only) draws one of the 8 symmetries of the square per patch: an optional transpose followed
-by optional vertical and horizontal flips covers every flip and every 90° rotation, uniformly, in three vectorised
-selects per batch. Its randomness comes from `tf.data.Dataset.random`, re-drawn each epoch from the seed, so runs
-with the same seed see the same batches in the same order.
+by optional vertical and horizontal flips covers every flip and every 90° rotation, uniformly. It runs inside the
+batch's gather, as strided copies that convert to float32 on the way (one pass per group of patches sharing a
+symmetry). The whole pipeline then costs about a sixth of the CPU time per patch it did with the augmentation as
+TensorFlow selects over the batch, and on a 2-core machine that time is taken from the training step
+(bench/train_input.py). Its randomness comes from `tf.data.Dataset.random`, re-drawn each epoch from the seed, so
+runs with the same seed see the same batches in the same order.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ RGB_CHANNELS = ["B04", "B03", "B02"]
 PATCH_SHAPE = (PATCH_PX, PATCH_PX, len(RGB_CHANNELS))
 MANIFEST_COLUMNS = ("patch_id", "label", "split", "shard", "offset")
 _STATS_CHUNK = 512  # patches per step when computing channel statistics (bounded memory on any set size)
+_PREFETCH_BATCHES = 2  # a batch is gathered in a few ms per core, a training step takes far longer
 
 
 class InputError(CloudscreenError):
@@ -133,11 +137,14 @@ def dataset(source: PatchSource, frame: pd.DataFrame, settings: PipelineSettings
     offsets = frame["offset"].to_numpy(dtype=np.int64)
     labels = frame["label"].to_numpy(dtype=np.float32)
 
-    def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return source.gather(shards[rows], offsets[rows]).astype(np.float32), labels[rows]
+    def gather(rows: np.ndarray, draw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        patches = source.gather(shards[rows], offsets[rows])
+        if settings.augment:
+            return random_symmetries(patches, np.random.default_rng(int(draw) % 2**64)), labels[rows]
+        return patches.astype(np.float32), labels[rows]
 
-    def load(rows: Any) -> tuple[Any, Any]:
-        images, batch_labels = tf.numpy_function(gather, [rows], (tf.float32, tf.float32), stateful=False)
+    def load(rows: Any, draw: Any) -> tuple[Any, Any]:
+        images, batch_labels = tf.numpy_function(gather, [rows, draw], (tf.float32, tf.float32), stateful=False)
         images.set_shape([None, PATCH_PX, PATCH_PX, len(RGB_CHANNELS)])
         batch_labels.set_shape([None])
         return images, batch_labels
@@ -145,26 +152,34 @@ def dataset(source: PatchSource, frame: pd.DataFrame, settings: PipelineSettings
     rows = tf.data.Dataset.range(len(frame))
     if settings.shuffle:
         rows = rows.shuffle(min(settings.shuffle_buffer, len(frame)), seed=settings.seed, reshuffle_each_iteration=True)
-    batches = rows.batch(settings.batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    if settings.augment:
-        draws = tf.data.Dataset.random(seed=settings.seed, rerandomize_each_iteration=True)
-        batches = tf.data.Dataset.zip(batches, draws).map(_symmetries, num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    # One draw per batch seeds that batch's symmetries (unused without augmentation).
+    draws = tf.data.Dataset.random(seed=settings.seed, rerandomize_each_iteration=True)
+    batches = tf.data.Dataset.zip(rows.batch(settings.batch_size), draws)
+    batches = batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(_PREFETCH_BATCHES)
+    # tf.data's autotuning thread wakes at doubling intervals (10 ms, 20 ms, ... 5.12 s, 10.24 s, ...), and freeing
+    # an iterator waits for its next wake-up: model.fit frees one per epoch, so every epoch ran on to the next
+    # wake-up, idle (up to 7 s per epoch of the demo's set here). Without it, AUTOTUNE parallelism is one call per
+    # core, which the gather, a few milliseconds of numpy per batch, never needs more of.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return batches.with_options(options)
 
 
-def _symmetries(batch: tuple[Any, Any], draw: Any) -> tuple[Any, Any]:
-    """Apply a uniformly drawn symmetry of the square to each patch of the batch."""
-    import tensorflow as tf
+def random_symmetries(patches: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each patch of (n, h, w, c) under a symmetry of the square drawn uniformly for it, as float32.
 
-    images, labels = batch
-    n = tf.shape(images)[0]
-    seed = tf.stack([draw, tf.constant(0, tf.int64)])
-    bits = tf.random.stateless_uniform([n, 3], seed=seed, maxval=2, dtype=tf.int32) > 0
-
-    def where(flag: Any, changed: Any, unchanged: Any) -> Any:
-        return tf.where(flag[:, None, None, None], changed, unchanged)
-
-    images = where(bits[:, 0], tf.transpose(images, [0, 2, 1, 3]), images)
-    images = where(bits[:, 1], tf.reverse(images, axis=[1]), images)
-    images = where(bits[:, 2], tf.reverse(images, axis=[2]), images)
-    return images, labels
+    Patches that drew the same symmetry are copied together through one strided view of them.
+    """
+    out = np.empty(patches.shape, dtype=np.float32)
+    drawn = rng.integers(0, 8, size=len(patches))
+    for symmetry in np.unique(drawn):
+        rows = np.flatnonzero(drawn == symmetry)
+        view = patches[rows]
+        if symmetry & 4:
+            view = view.transpose(0, 2, 1, 3)
+        if symmetry & 2:
+            view = view[:, ::-1]
+        if symmetry & 1:
+            view = view[:, :, ::-1]
+        out[rows] = view
+    return out

@@ -15,6 +15,7 @@ def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.evaluate import EvaluateParams
     from tasks.gate import GateParams
     from tasks.model import ModelParams
+    from tasks.search import SearchParams
     from tasks.tile import TileParams
     from tasks.train import CostParams, TrainParams
     from tasks.versioning import VersioningParams
@@ -32,6 +33,7 @@ def test_every_section_of_params_yaml_loads_into_its_model():
         "baseline": BaselineParams,
         "evaluate": EvaluateParams,
         "gate": GateParams,
+        "search": SearchParams,
     }
     assert set(read_params_file(DEFAULT_PARAMS)) == set(models)
     for section, model in models.items():
