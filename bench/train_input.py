@@ -33,7 +33,7 @@ from typing import Any
 
 from tasks import inputs
 from tasks.config import load_section
-from tasks.model import ModelParams, build_model
+from tasks.model import ModelParams, build_model, compile_for_training
 from tasks.train import TrainParams, read_splits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,21 +67,9 @@ def _data() -> tuple[Path, Path]:
 
 
 def _compiled(model_params: ModelParams, params: TrainParams, mean: list[float], variance: list[float]) -> Any:
-    import keras
-
     model = build_model(model_params, mean, variance)
-    model.compile(  # as tasks.train compiles it: the metrics are part of every training step
-        optimizer=keras.optimizers.get(
-            {"class_name": params.optimizer, "config": {"learning_rate": params.learning_rate}}
-        ),
-        loss="binary_crossentropy",
-        metrics=[
-            keras.metrics.BinaryAccuracy(name="accuracy"),
-            keras.metrics.Precision(name="precision"),
-            keras.metrics.Recall(name="recall"),
-            keras.metrics.AUC(name="auc"),
-        ],
-    )
+    # as tasks.train compiles it: the metrics are part of every training step
+    compile_for_training(model, params.optimizer, params.learning_rate)
     return model
 
 

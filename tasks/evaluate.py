@@ -44,7 +44,7 @@ from tasks import cli
 from tasks.config import StepParams, load_section
 from tasks.errors import EvaluationError
 from tasks.sample import NATURAL_FILE
-from tasks.storage import file_digest, write_json
+from tasks.storage import file_digest, jsonable, write_json
 from tasks.tile import INDEX_FILE, load_patches
 from tasks.tracking import EVALUATION_DIR, TAG_PREFIX, run_model_uri
 
@@ -515,17 +515,6 @@ def _check_run(run_id: str) -> None:
 # --- outputs ------------------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN (undefined metrics) becomes null: JSON has no NaN."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _write_artifacts(
     out: Path,
     predictions: pd.DataFrame,
@@ -540,7 +529,7 @@ def _write_artifacts(
         part = predictions[predictions["set"] == name]
         return part["label"].to_numpy(), part["score"].to_numpy()
 
-    write_json(out / METRICS_FILE, _jsonable(summary))
+    write_json(out / METRICS_FILE, jsonable(summary))
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
     slices.to_parquet(out / SLICES_FILE, index=False)
     _save(
@@ -708,7 +697,7 @@ def main() -> None:
     result = evaluate(model_uri=model_uri, manifest=args.manifest, tiles=args.tiles, params=params, log_to_run=run_id)
     summary = {"model_uri": result.model_uri, "run_id": result.run_id, "target_recall": result.target_recall}
     summary |= {name: result.metrics[name] for name in SUMMARY_METRICS}
-    print(json.dumps(_jsonable(summary), indent=2))
+    print(json.dumps(jsonable(summary), indent=2))
 
 
 if __name__ == "__main__":

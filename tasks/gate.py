@@ -78,7 +78,7 @@ from tasks.evaluate import (
     slice_metrics,
 )
 from tasks.sample import NATURAL_FILE
-from tasks.storage import file_digest
+from tasks.storage import file_digest, jsonable
 from tasks.tracking import (
     CHAMPION,
     EVALUATION_DIR,
@@ -442,17 +442,6 @@ def reasons_for(checks: tuple[Check, ...], forced: dict[str, str] | None = None)
 # --- results ------------------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN becomes null (JSON has no NaN); tuples become lists."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 @dataclass(frozen=True)
 class Verdict:
     """What the gate decided and why; `to_json()` is gate.json."""
@@ -475,7 +464,7 @@ class Verdict:
         return self.decision in PROMOTING
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Verdict:

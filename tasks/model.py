@@ -84,6 +84,22 @@ def build_model(params: ModelParams, mean: list[float], variance: list[float]) -
     return keras.Model(inputs, outputs, name=f"cloudscreen_{params.architecture}")
 
 
+def compile_for_training(model: Any, optimizer: str, learning_rate: float) -> None:
+    """Binary cross-entropy with the metrics every run logs per epoch (accuracy, precision, recall, AUC)."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}}),
+        loss="binary_crossentropy",
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.AUC(name="auc"),
+        ],
+    )
+
+
 def _backbone(params: ModelParams) -> Any:
     import keras
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.replace(final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def jsonable(value: Any) -> Any:
+    """NaN and infinities (undefined metrics) become null, as JSON has none; tuples become lists."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from tasks import cli, inputs, tracking
 from tasks.config import StepParams, load_section
 from tasks.errors import ConfigError
-from tasks.model import ModelParams, build_model, describe
+from tasks.model import ModelParams, build_model, compile_for_training, describe
 from tasks.storage import write_json
 
 log = logging.getLogger(__name__)
@@ -326,18 +326,7 @@ def train(
     )
     with strategy.scope():
         model = build_model(model_params, mean, variance)
-        model.compile(
-            optimizer=keras.optimizers.get(
-                {"class_name": params.optimizer, "config": {"learning_rate": params.learning_rate}}
-            ),
-            loss="binary_crossentropy",
-            metrics=[
-                keras.metrics.BinaryAccuracy(name="accuracy"),
-                keras.metrics.Precision(name="precision"),
-                keras.metrics.Recall(name="recall"),
-                keras.metrics.AUC(name="auc"),
-            ],
-        )
+        compile_for_training(model, params.optimizer, params.learning_rate)
     settings = inputs.PipelineSettings(params.batch_size, True, params.augment, params.seed, params.shuffle_buffer)
     train_data = inputs.dataset(source, splits["train"], settings)
     val_data = inputs.dataset(

@@ -40,17 +40,6 @@ def sections(*overrides: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("mlflow_search")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("GIT_PYTHON_REFRESH", "quiet")
-        mp.chdir(root)  # the SQLite store keeps artifacts under ./mlruns
-        yield uri
-
-
-@pytest.fixture(scope="module")
 def searched(training_data, tracking_uri):
     return search(manifest=training_data.manifest(), tiles=training_data.tiles, lineage=LINEAGE, **sections())
 

@@ -38,17 +38,6 @@ def sections(*overrides: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("GIT_PYTHON_REFRESH", "quiet")
-        mp.chdir(root)  # the SQLite store keeps artifacts under ./mlruns
-        yield uri
-
-
-@pytest.fixture(scope="module")
 def trained(training_data, tracking_uri):
     lineage = tracking.Lineage(
         git_commit="abc123", data_version="d41d8cd98f00b204e9800998ecf8427e.dir", snapshot="2026-11-16",
