@@ -5,7 +5,8 @@ their native 120/60/20 px sizes, `<patch>_labels_metadata.json`). It holds the 6
 example archive verbatim, plus synthesized patches whose names are real BigEarthNet names, a chosen share of them in
 the official cloud-and-shadow list. Their pixels are synthesized so the cloud task is learnable but not trivial:
 land-cover textures at real per-band reflectance levels, thick and thin clouds and shadows on cloud patches, and bright
-non-cloud surfaces (snow, sand, rock, bright roofs) on no_cloud patches. Same seed, same bytes.
+non-cloud surfaces (textured, often soft-edged snow as bright as cloud in the visible; sand, rock, bright roofs;
+light haze) on no_cloud patches. Same seed, same bytes.
 
 Faults can be injected (`--fault KIND[=COUNT]`) so tests never hand-craft broken archives; which patch got which fault
 is written, with the list of patches and which are cloud patches, to `<archive>.contents.json` beside it.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import enum
 import functools
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -54,6 +56,7 @@ class MirrorParams(StepParams):
     bright_surface_fraction: float = Field(ge=0, le=1)
     thin_cloud_fraction: float = Field(ge=0, le=1)
     shadow_fraction: float = Field(ge=0, le=1)
+    haze_fraction: float = Field(default=0.0, ge=0, le=1)
     compresslevel: int = Field(ge=0, le=9)
 
 
@@ -99,10 +102,13 @@ _SPECTRA = {
     "urban": [950, 1050, 1150, 1250, 1450, 1650, 1750, 1850, 1950, 1850, 2250, 1950],
     "wetland": [350, 380, 520, 480, 780, 1300, 1500, 1650, 1750, 1650, 1350, 780],
     # bright, but not cloud
-    "snow": [8200, 8800, 8600, 8300, 8000, 7700, 7500, 7300, 7100, 5200, 900, 700],
+    # Fresh snow is as bright and as flat across the visible as cloud; only the short-wave infrared tells them apart.
+    "snow": [7000, 7200, 7100, 7150, 6900, 6700, 6500, 6400, 6200, 4500, 900, 700],
     "sand": [1700, 1900, 2500, 3100, 3400, 3600, 3750, 3850, 3950, 3700, 4800, 4200],
     "rock": [1500, 1650, 1950, 2250, 2550, 2750, 2850, 2950, 3050, 2850, 3550, 3150],
     "roofs": [2100, 2500, 2700, 2900, 3000, 3100, 3200, 3300, 3300, 3100, 3700, 3300],
+    # white roofs, greenhouses, salt flats: ~0.5 reflectance, grey across the visible (the soft-edged bright covers)
+    "bright": [4700, 4900, 4950, 5000, 5200, 5300, 5400, 5500, 5500, 5200, 5600, 5000],
     # clouds
     "cloud": [6800, 7200, 7100, 7200, 7300, 7400, 7450, 7500, 7550, 4800, 5400, 4100],
 }
@@ -161,6 +167,7 @@ class _PatchPlan:
     thin_cloud: bool
     shadow: bool
     seed: int
+    haze: bool = False  # a light grey veil over a no_cloud patch (haze, smoke, dust: not cloud)
 
 
 # --- noise and pixels ---------------------------------------------------------------------------------------------
@@ -219,9 +226,25 @@ def _land(rng: np.random.Generator, plan: _PatchPlan) -> tuple[np.ndarray, list[
         texture = 1 + 0.12 * _fractal_noise(rng, octaves=(6, 20, 60))
         reflectance += (winner == i) * _SPECTRA_ARRAY[cover] * texture * float(rng.uniform(0.85, 1.15))
     reflectance *= _SEASON_SUN[plan.season]
+    if plan.bright_surface:
+        # Bright, textured covers with soft edges over part of the patch (greenhouses, white roofs, salt, pale sand),
+        # so that "bright and soft-edged with internal variation" is not cloud alone.
+        mask = _soft_mask(_fractal_noise(rng), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.1, 0.6)))
+        level = float(rng.uniform(0.45, 0.6)) / 0.49  # visible reflectance 0.45-0.6
+        texture = 1 + 0.15 * _fractal_noise(rng, octaves=(4, 12, 40))
+        reflectance = reflectance * (1 - mask) + _SPECTRA_ARRAY["bright"] * level * texture * mask
     if plan.snow:
-        snow = _soft_mask(_fractal_noise(rng), float(rng.uniform(0.3, 1.0)), 0.15)
-        reflectance = reflectance * (1 - snow) + _SPECTRA_ARRAY["snow"] * snow * float(rng.uniform(0.8, 1.05))
+        # Snow with cloud-like texture; most of it with soft edges (melting, patchy snow, snow under trees).
+        softness = float(rng.uniform(0.3, 0.6)) if rng.random() < 0.7 else 0.15
+        snow = _soft_mask(_fractal_noise(rng), float(rng.uniform(0.3, 1.0)), softness)
+        texture = 1 + 0.15 * _fractal_noise(rng, octaves=(4, 12, 40))
+        snow_level = float(rng.uniform(0.8, 1.05)) * texture
+        reflectance = reflectance * (1 - snow) + _SPECTRA_ARRAY["snow"] * snow_level * snow
+    if plan.haze:
+        # A light veil over the whole patch, thickest in places: haze, smoke or dust that the cloud labels do not
+        # count; its thicker parts overlap with the thinnest clouds, as in the real labels.
+        veil = float(rng.uniform(0.08, 0.3)) * np.clip(1 + 0.5 * _fractal_noise(rng, octaves=(2, 4, 10)), 0.2, 2.0)
+        reflectance = reflectance * (1 - veil) + _SPECTRA_ARRAY["cloud"] * 0.8 * veil
     return reflectance, present
 
 
@@ -505,6 +528,7 @@ def _plan(params: MirrorParams, exclude: set[str]) -> list[_PatchPlan]:
                     thin_cloud=pool == "cloud" and rng.random() < params.thin_cloud_fraction,
                     shadow=pool == "cloud" and rng.random() < params.shadow_fraction,
                     seed=int(seeds[i]),
+                    haze=pool != "cloud" and rng.random() < params.haze_fraction,
                 )
             )
     return sorted(plans, key=lambda p: p.patch_id)
@@ -563,9 +587,13 @@ def build_mirror(
     archive = out / name
     checksum_file = out / f"{name}.sha256"
     contents_file = out / f"{name}.contents.json"
-    if archive.exists() and checksum_file.exists():
+    recipe = _recipe(params, faults)
+    if archive.exists() and checksum_file.exists() and contents_file.exists():
         recorded = checksum_file.read_text().split()[0]
-        if file_digest(archive, "sha256") == recorded:
+        built_from = json.loads(contents_file.read_text()).get("recipe")
+        if built_from != recipe:
+            log.info("mirror %s was built from other params or rendering code: rebuilding", archive)
+        elif file_digest(archive, "sha256") == recorded:
             log.info("mirror %s already built (sha256 %s), not rebuilding", archive, recorded)
             return _result_from_disk(archive, recorded, contents_file)
 
@@ -627,6 +655,7 @@ def build_mirror(
         "patch_ids": all_ids,
         "cloud_patch_ids": list(cloud_ids),
         "faults": dict(sorted(injected.items())),
+        "recipe": recipe,
     }
     with atomic_path(contents_file) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -640,6 +669,16 @@ def _write_patch(tar: tarfile.TarFile, top: str, patch_id: str, files: dict[str,
     _tar_add(tar, f"{top}/{patch_id}", None)
     for file_name in sorted(files):
         _tar_add(tar, f"{top}/{patch_id}/{file_name}", files[file_name])
+
+
+def _recipe(params: MirrorParams, faults: dict[Fault, int]) -> str:
+    """What the archive's bytes depend on: the params, the faults and this module's rendering code."""
+    record = {
+        "params": params.model_dump(mode="json"),
+        "faults": {str(k): v for k, v in sorted(faults.items())},
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _result_from_disk(archive: Path, digest: str, summary_file: Path) -> MirrorResult:

@@ -97,6 +97,12 @@ def test_rebuild_is_skipped_and_a_tampered_archive_is_rebuilt(tmp_path):
     )
 
 
+def test_changed_difficulty_params_rebuild_an_archive_of_the_same_name(tmp_path):
+    easy = build_mirror(out=tmp_path, params=mirror_params(patches=3, seed=1, include_real=False, snow_fraction=0.0))
+    hard = build_mirror(out=tmp_path, params=mirror_params(patches=3, seed=1, include_real=False, snow_fraction=1.0))
+    assert hard.archive == easy.archive and not hard.skipped and hard.sha256 != easy.sha256
+
+
 def test_no_real_leaves_out_the_example_patches(tmp_path):
     result = build_mirror(out=tmp_path, params=mirror_params(patches=4, seed=2, include_real=False))
     assert len(result.patch_ids) == 4
