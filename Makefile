@@ -13,7 +13,7 @@ export UV_PYTHON := $(PYTHON_VERSION)
 .PHONY: help setup demo test lint bench tracking clean
 
 help:
-	@echo "make demo   build the embedded BigEarthNet-format mirror, serve it on loopback; download, validate, tile, sample, version it"
+	@echo "make demo   build the embedded BigEarthNet-format mirror, serve it on loopback; download, validate, tile, sample, version it; train, evaluate and gate a model through a real MLflow server"
 	@echo "make test   lint, then every test (unit, data, integration with real servers on loopback)"
 	@echo "make lint   ruff check + ruff format --check"
 	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"
