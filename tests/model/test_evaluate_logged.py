@@ -140,8 +140,9 @@ def test_metrics_agree_with_scikit_learn_on_the_predictions(evaluation, training
         assert m[f"{name}_log_loss"] == pytest.approx(skm.log_loss(y, s))
         cells = skm.confusion_matrix(y, at_op, labels=[0, 1]).ravel().tolist()
         assert [m[f"{name}_op_{c}"] for c in ("tn", "fp", "fn", "tp")] == cells
-    # Clouds are bright: the stand-in model ranks far better than chance.
-    assert evaluation.metrics["test_roc_auc"] > 0.7
+    # The comparison above is not vacuous: the stand-in's scores differ from patch to patch. (Brightness alone no
+    # longer ranks clouds well: the mirror's snow, bright covers and haze are as bright as cloud in R, G, B.)
+    assert predictions["score"].nunique() > len(predictions) // 2
 
 
 def test_slices_cover_every_season_and_country_with_their_sizes(evaluation):
