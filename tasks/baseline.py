@@ -9,9 +9,7 @@ a candidate for champion.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -181,7 +179,7 @@ def main() -> None:
     cli.configure_logging(args.verbose)
 
     def body() -> None:
-        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run" links: stdout is the run id's
+        with cli.stdout_to_stderr():
             result = baseline(
                 manifest=args.manifest,
                 tiles=args.tiles,

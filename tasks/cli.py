@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tasks.errors import CloudscreenError
@@ -41,6 +42,13 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     # The GCS emulator logs a missing object at ERROR; clients probing for existence (MLflow, DVC) expect misses.
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Keep stdout for a step's result: Keras draws its progress bar there and MLflow prints "View run" links."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def run(main: Callable[[], None]) -> None:

@@ -25,10 +25,8 @@ and with a few epochs per trial it would save little.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -257,7 +255,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our log
 
     def body() -> None:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the parent run id
+        with cli.stdout_to_stderr():
             result = search(
                 manifest=args.manifest,
                 tiles=args.tiles,

@@ -25,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -253,13 +252,6 @@ class _RunState:
             write_json(self.path, record | {"seconds": self.seconds, "model_version": self.model_version})
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    # Keras draws its progress bar on stdout; stdout carries only the run id.
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
 def train(
     *,
     manifest: Path,
@@ -383,7 +375,7 @@ def train(
         if checkpoint_dir:
             # Two copies: a kill while the latest is being written leaves the previous one to resume from.
             callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / BACKUP_DIR), double_checkpoint=True))
-        with _stdout_to_stderr():
+        with cli.stdout_to_stderr():
             history = model.fit(
                 train_data,
                 validation_data=val_data,
@@ -540,7 +532,7 @@ def main() -> None:
         overrides = args.overrides + [
             item if "." in item.partition("=")[0] else f"train.{item}" for item in args.set_param
         ]
-        with _stdout_to_stderr():  # Keras' progress bar and MLflow's "View run" links: stdout is the run id's
+        with cli.stdout_to_stderr():
             result = train(
                 manifest=args.manifest,
                 tiles=args.tiles,
