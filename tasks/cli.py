@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tasks.config import PARAMS_ENV
 from tasks.errors import CloudscreenError
 
 log = logging.getLogger(__name__)
@@ -17,7 +19,13 @@ log = logging.getLogger(__name__)
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options common to every step."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    p.add_argument(
+        "--params",
+        type=Path,
+        # The working directory's params.yaml is what a DVC stage runs with.
+        default=Path(os.environ.get(PARAMS_ENV) or "params.yaml"),
+        help=f"params file (default: ${PARAMS_ENV}, else params.yaml in the working directory)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",

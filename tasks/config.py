@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,7 +12,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tasks.errors import ConfigError
 
-DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+# A deployment (or a test) points every step, CLI and DAG at another params file with this variable.
+PARAMS_ENV = "CLOUDSCREEN_PARAMS"
+DEFAULT_PARAMS = REPO_PARAMS
+
+
+def default_params() -> Path:
+    """$CLOUDSCREEN_PARAMS, else the project's params.yaml (read at each call: a test or a DAG run may set it)."""
+    return Path(os.environ.get(PARAMS_ENV) or REPO_PARAMS)
 
 
 class StepParams(BaseModel):
@@ -57,12 +66,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return merged
 
 
-def load_section(section: str, model: type[P], path: Path = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> P:
-    """Load one step's section of params.yaml, with overrides, into its model.
+def load_section(section: str, model: type[P], path: Path | None = None, overrides: Sequence[str] = ()) -> P:
+    """Load one step's section of params.yaml (default: `default_params()`), with overrides, into its model.
 
     Raises:
         ConfigError: the file, the section or a value is missing or invalid; the message names which.
     """
+    path = path or default_params()
     data = apply_overrides(read_params_file(path), list(overrides))
     if section not in data:
         raise ConfigError(f"{path}: no section {section!r}")

@@ -524,6 +524,13 @@ def main() -> None:
     )
     p.add_argument("--snapshot", help="lineage: the snapshot trained on (default: $CLOUDSCREEN_SNAPSHOT)")
     p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+    p.add_argument(
+        "--restore-data",
+        type=Path,
+        metavar="DIR",
+        help="first restore --data-version from the DVC remote into DIR/data; --manifest and --tiles are then relative "
+        "to it (how the trainer image, away from the pipeline's files, gets its data)",
+    )
     args = p.parse_args()
     cli.configure_logging(args.verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our log
@@ -532,10 +539,13 @@ def main() -> None:
         overrides = args.overrides + [
             item if "." in item.partition("=")[0] else f"train.{item}" for item in args.set_param
         ]
+        manifest, tiles = args.manifest, args.tiles
+        if args.restore_data:
+            manifest, tiles = _restored(args.restore_data, args.data_version, manifest, tiles, args.params, overrides)
         with cli.stdout_to_stderr():
             result = train(
-                manifest=args.manifest,
-                tiles=args.tiles,
+                manifest=manifest,
+                tiles=tiles,
                 params=load_section("train", TrainParams, args.params, overrides),
                 model_params=load_section("model", ModelParams, args.params, overrides),
                 cost=load_section("cost", CostParams, args.params, overrides),
@@ -547,6 +557,19 @@ def main() -> None:
         print(result.run_id)
 
     cli.run(body)
+
+
+def _restored(
+    into: Path, version: str | None, manifest: Path, tiles: Path, params: Path, overrides: list[str]
+) -> tuple[Path, Path]:
+    from tasks.versioning import VersioningParams, restore
+
+    if not version:
+        raise ConfigError("--restore-data needs --data-version (which data version to restore)")
+    # A subdirectory: `into` may be a mount point (a pod's emptyDir), which the atomic replacement cannot rename.
+    dest = into / "data"
+    restore(version=version, dest=dest, params=load_section("versioning", VersioningParams, params, overrides))
+    return dest / manifest, dest / tiles
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from tasks.validate import ValidateParams
 
 
 def test_every_section_of_params_yaml_loads_into_its_model():
+    from tasks.backends import BackendsParams
     from tasks.baseline import BaselineParams
     from tasks.download import DownloadParams
     from tasks.evaluate import EvaluateParams
     from tasks.gate import GateParams
     from tasks.model import ModelParams
+    from tasks.pipeline import PipelineParams
     from tasks.search import SearchParams
     from tasks.tile import TileParams
     from tasks.train import CostParams, TrainParams
@@ -34,6 +36,8 @@ def test_every_section_of_params_yaml_loads_into_its_model():
         "evaluate": EvaluateParams,
         "gate": GateParams,
         "search": SearchParams,
+        "pipeline": PipelineParams,
+        "backends": BackendsParams,
     }
     assert set(read_params_file(DEFAULT_PARAMS)) == set(models)
     for section, model in models.items():

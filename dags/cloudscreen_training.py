@@ -1,0 +1,184 @@
+"""cloudscreen_training: train → evaluate → gate on the newest snapshot, on new data and on a periodic schedule.
+
+Wiring only: each task calls one function of tasks.pipeline (or, on Kubernetes, runs the trainer image's entrypoint).
+"""
+
+from __future__ import annotations
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from tasks import backends, pipeline
+from tasks.config import load_section
+
+SETTINGS = pipeline.load_pipeline_params()
+KUBERNETES = load_section("backends", backends.BackendsParams).kubernetes
+TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)
+TRAIN_TASKS = {backend: f"train_{backend}" for backend in pipeline.BACKENDS}
+TRAIN = {**pipeline.task_defaults(SETTINGS, io=False, timeout="train"), "pool": SETTINGS.gpu_pool}
+EVALUATE = pipeline.task_defaults(SETTINGS, io=True, timeout="evaluate")
+
+
+def _run() -> pipeline.Run:
+    context = get_current_context()
+    dag_run, params = context["dag_run"], context["params"]
+    return pipeline.run_for(
+        run_type=getattr(dag_run.run_type, "value", dag_run.run_type),
+        logical_date=dag_run.logical_date,
+        run_id=dag_run.run_id,
+        overrides=pipeline.training_overrides(
+            epochs=params["epochs"], learning_rate=params["learning_rate"], extra=params["overrides"]
+        ),
+    )
+
+
+@dag(
+    dag_id="cloudscreen_training",
+    # New data (every refresh) or the periodic retrain, whichever comes first.
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(SETTINGS.retrain_schedule, timezone="UTC"), assets=[TRAINING_DATA]
+    ),
+    start_date=pipeline.start_datetime(SETTINGS),
+    catchup=False,
+    max_active_runs=1,  # one challenger at a time: the gate compares against the champion of the moment
+    default_args=pipeline.task_defaults(SETTINGS, io=False, timeout="evaluate"),
+    tags=["cloudscreen", "model"],
+    params={
+        "dataset": Param(SETTINGS.dataset, enum=["small", "large"], description="The sample set to train on."),
+        "snapshot": Param(
+            None,
+            type=["null", "string"],
+            description="Train on this refreshed snapshot (e.g. 2026-11-16); empty: the newest one.",
+        ),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, description="Empty: params.yaml train.epochs."),
+        "learning_rate": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, description="Empty: params.yaml train.learning_rate."
+        ),
+        "backend": Param(
+            SETTINGS.training_backend,
+            enum=list(pipeline.BACKENDS),
+            description="local: a subprocess of the worker · docker: the trainer image on a Docker engine · "
+            "kubernetes: a pod on the GPU node pool.",
+        ),
+        "force_promote": Param(
+            False, type="boolean", description="Promote whatever the gate's rules say (an audited override)."
+        ),
+        "reason": Param(
+            None, type=["null", "string"], description="Why the promotion is forced: required with force_promote."
+        ),
+        "overrides": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            description="More params.yaml overrides, SECTION.KEY=VALUE (e.g. train.batch_size=64, model.architecture"
+            "=mobilenet_v2).",
+        ),
+    },
+    doc_md=__doc__
+    + """
+Runs when `cloudscreen_refresh` records a new snapshot (the `cloudscreen_training_data` Asset) and on
+`pipeline.retrain_schedule` (monthly by default) even when no new data came. The trigger form picks the snapshot, the
+set, epochs, learning rate, the training backend and a forced promotion.
+
+The model is trained on the snapshot's pinned data version (recorded as the MLflow run's lineage tags), registered as
+`challenger`, evaluated on test and the natural-prevalence set (metrics and plots in its MLflow run), and the gate
+promotes it to `champion` or keeps the champion, with its reasons in `gate.json`. The last task's output (and log) is
+a summary with the MLflow run link and the verdict.
+""",
+)
+def cloudscreen_training():
+    @task
+    def training_data() -> dict:
+        """Pick the snapshot to train on (the form's, the one that triggered this run, else the newest) and pin its
+        data version; restore it from the DVC remote if its files are gone.
+
+        Output: snapshot, data version, manifest and tiles paths.
+        """
+        context = get_current_context()
+        events = [
+            event.extra
+            for asset_events in (context.get("triggering_asset_events") or {}).values()
+            for event in asset_events
+        ]
+        params = context["params"]
+        return pipeline.training_data(_run(), snapshot=params["snapshot"], events=events, dataset=params["dataset"])
+
+    @task
+    def plan_training(data: dict) -> dict:
+        """The trainer's inputs for every backend: data, overrides, checkpoint directory, lineage."""
+        context = get_current_context()
+        return pipeline.plan_training(
+            _run(), data=data, dag_id=context["dag"].dag_id, dag_run_id=context["dag_run"].run_id
+        )
+
+    @task.branch
+    def choose_backend() -> str:
+        """Follow the form's training backend."""
+        return TRAIN_TASKS[get_current_context()["params"]["backend"]]
+
+    @task(task_id=TRAIN_TASKS["local"], **TRAIN)
+    def train_local(plan: dict) -> dict:
+        """`python -m tasks.train` as a subprocess of the worker, its log streamed here; resumes from its checkpoint
+        when retried. Output: the MLflow run id and registered model version (alias `challenger`)."""
+        return pipeline.train_step(_run(), plan=plan, backend="local")
+
+    @task(task_id=TRAIN_TASKS["docker"], **TRAIN)
+    def train_docker(plan: dict) -> dict:
+        """The trainer image on a Docker engine (`backends.docker`; DOCKER_HOST), GPUs requested; it restores the
+        data version from the DVC remote first. Output: the MLflow run id and registered model version."""
+        return pipeline.train_step(_run(), plan=plan, backend="docker")
+
+    data = training_data()
+    plan = plan_training(data)
+    train_kubernetes = KubernetesPodOperator(
+        task_id=TRAIN_TASKS["kubernetes"],
+        name="cloudscreen-trainer",
+        doc_md="The trainer image in a pod on the GPU node pool (`backends.kubernetes`: `nvidia.com/gpu` in limits, "
+        "node selector, tolerations, Workload Identity service account, secrets from Kubernetes Secrets); deferrable; "
+        "the pod is deleted when it finishes. It restores the data version into an emptyDir and writes its result to "
+        "/airflow/xcom/return.json. Output: the MLflow run id and registered model version.",
+        **backends.kubernetes_spec(
+            plan["kubernetes_arguments"],
+            KUBERNETES,
+            env={"CLOUDSCREEN_DAG_ID": "{{ dag.dag_id }}", "CLOUDSCREEN_DAG_RUN_ID": "{{ run_id }}"},
+        ),
+        **TRAIN,
+    )
+    trained_by = [train_local(plan), train_docker(plan), train_kubernetes]
+    choose_backend() >> trained_by
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def training_result() -> dict:
+        """The result of whichever backend trained."""
+        results = [r for r in get_current_context()["ti"].xcom_pull(task_ids=list(TRAIN_TASKS.values())) if r]
+        return {**results[0], "backend": get_current_context()["params"]["backend"]}
+
+    @task(**EVALUATE)
+    def evaluate(trained: dict, data: dict) -> dict:
+        """Evaluate the challenger on val, test and the natural-prevalence set: metrics, per-slice metrics, plots and
+        predictions, all logged to its MLflow run. Output: the operating threshold and the metrics."""
+        return pipeline.evaluate_step(_run(), run_id=trained["run_id"], data=data)
+
+    @task(**EVALUATE)
+    def gate(trained: dict, evaluated: dict) -> dict:
+        """Promote the challenger to `champion` or keep the champion (floors, non-regression, slices, McNemar, cost);
+        the verdict and its reasons go to the run's gate.json and tags. Output: the verdict."""
+        params = get_current_context()["params"]
+        return pipeline.gate_step(
+            _run(), run_id=trained["run_id"], force=params["force_promote"], reason=params["reason"]
+        )
+
+    @task
+    def summary(data: dict, trained: dict, evaluated: dict, verdict: dict) -> dict:
+        """The run in a few lines: data version, MLflow run link, test metrics, the gate's decision and reasons."""
+        return pipeline.summarize(
+            _run(), data=data, trained=trained, evaluation=evaluated, verdict=verdict, backend=trained["backend"]
+        )
+
+    trained = training_result()
+    trained_by >> trained
+    evaluated = evaluate(trained, data)
+    summary(data, trained, evaluated, gate(trained, evaluated))
+
+
+cloudscreen_training()

@@ -1,0 +1,280 @@
+"""Where the training step runs: one trainer entrypoint (`python -m tasks.train`), three ways to start it.
+
+- `local`: a subprocess of the Airflow worker, on the worker's files (the embedded default, CI).
+- `docker`: the trainer image on one GPU machine through the Docker engine API (the seed project's workflow).
+- `kubernetes`: the trainer image in a pod on a GPU node pool (production); the DAG's KubernetesPodOperator takes its
+  container resources, tolerations, secrets and environment from `kubernetes_spec`.
+
+The image runs away from the worker's files, so the two image backends restore the snapshot's data version from the
+DVC remote into the container first (`tasks.train --restore-data`); every backend returns the trainer's result,
+`{"run_id", "model_version"}`, the JSON the trainer writes with `--xcom-out` (for a pod, /airflow/xcom/return.json,
+which the operator's sidecar reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.config import StepParams, default_params
+from tasks.errors import CloudscreenError
+
+log = logging.getLogger(__name__)
+
+POD_XCOM_FILE = "/airflow/xcom/return.json"  # where the KubernetesPodOperator's sidecar reads the result
+DOCKER_XCOM_FILE = "/tmp/cloudscreen/return.json"  # read back from the stopped container
+TRAINER_MODULE = "tasks.train"
+
+
+class SecretEnv(BaseModel):
+    """An environment variable of the trainer taken from a Kubernetes Secret (never from the image or params)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    env: str
+    secret: str
+    key: str
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key: str
+    operator: str = "Exists"
+    value: str | None = None
+    effect: str | None = None
+
+
+class KubernetesParams(StepParams):
+    namespace: str
+    image: str
+    service_account: str  # bound to a Google service account by Workload Identity: no key files anywhere
+    gpus: int = Field(ge=0)
+    node_selector: dict[str, str]
+    tolerations: tuple[Toleration, ...]
+    requests: dict[str, str]
+    limits: dict[str, str]
+    env: dict[str, str]
+    secrets: tuple[SecretEnv, ...]
+    data_dir: str  # the emptyDir the data version is restored into
+    startup_timeout_seconds: int = Field(ge=1)
+    poll_interval_seconds: float = Field(gt=0)
+
+
+class DockerParams(StepParams):
+    image: str
+    base_url: str | None = None  # None: DOCKER_HOST, else the local socket
+    gpus: int = Field(ge=-1)  # -1: every GPU of the machine; 0: CPU only
+    env: dict[str, str]
+    data_dir: str
+
+
+class BackendsParams(StepParams):
+    kubernetes: KubernetesParams
+    docker: DockerParams
+
+
+class TrainingBackendError(CloudscreenError):
+    """The trainer could not be started, or it failed (the message carries the end of its log)."""
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What to train on and how: the same for every backend."""
+
+    snapshot: str
+    data_version: str
+    dataset: str
+    manifest: Path  # on the worker's data root (local backend)
+    tiles: Path
+    overrides: tuple[str, ...] = ()
+    checkpoint_dir: Path | None = None  # local backend: a retried task resumes from here
+    dag_id: str | None = None
+    dag_run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in asdict(self).items()}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainingRequest:
+        values = dict(data)
+        for key in ("manifest", "tiles", "checkpoint_dir"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        values["overrides"] = tuple(values.get("overrides") or ())
+        return cls(**values)
+
+    def lineage_env(self) -> dict[str, str]:
+        """The lineage tags' sources (tasks.tracking.Lineage): identical for a subprocess, a container and a pod."""
+        env = {"CLOUDSCREEN_SNAPSHOT": self.snapshot, "CLOUDSCREEN_DATA_VERSION": self.data_version}
+        if self.dag_id:
+            env["CLOUDSCREEN_DAG_ID"] = self.dag_id
+        if self.dag_run_id:
+            env["CLOUDSCREEN_DAG_RUN_ID"] = self.dag_run_id
+        return env
+
+    def _overrides(self) -> list[str]:
+        return [arg for item in self.overrides for arg in ("--set", item)]
+
+    def local_arguments(self, xcom_out: Path) -> list[str]:
+        args = ["--manifest", str(self.manifest), "--tiles", str(self.tiles), "--xcom-out", str(xcom_out)]
+        args += ["--snapshot", self.snapshot, "--data-version", self.data_version]
+        if self.checkpoint_dir is not None:
+            args += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        return args + self._overrides()
+
+    def remote_arguments(self, data_dir: str, xcom_out: str) -> list[str]:
+        """The trainer image's arguments: restore the data version into `data_dir`, then train on it."""
+        return [
+            "--snapshot", self.snapshot,
+            "--data-version", self.data_version,
+            "--restore-data", data_dir,
+            "--manifest", f"samples/{self.dataset}/manifest.parquet",
+            "--tiles", "tiles",
+            "--xcom-out", xcom_out,
+            *self._overrides(),
+        ]  # fmt: skip
+
+
+# --- local ----------------------------------------------------------------------------------------------------------
+
+
+def run_local(request: TrainingRequest, *, params_path: Path | None = None, tail: int = 40) -> dict[str, Any]:
+    """Run the trainer as a subprocess of this process, its log streamed into ours; return its result."""
+    with tempfile.TemporaryDirectory(prefix="cloudscreen-train-") as scratch:
+        xcom_out = Path(scratch) / "return.json"
+        params = str(params_path or default_params())
+        command = [sys.executable, "-m", TRAINER_MODULE, "--params", params, *request.local_arguments(xcom_out)]
+        env = {**os.environ, **request.lineage_env(), "PYTHONUNBUFFERED": "1"}
+        log.info("training locally: %s", " ".join(command))
+        last_lines: deque[str] = deque(maxlen=tail)
+        with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                line = line.rstrip()
+                last_lines.append(line)
+                log.info("trainer: %s", line)
+        if proc.returncode != 0:
+            raise TrainingBackendError(
+                f"the trainer exited with code {proc.returncode}; its last lines:\n" + "\n".join(last_lines)
+            )
+        return _result(xcom_out.read_text(), where=str(xcom_out))
+
+
+def _result(text: str, where: str) -> dict[str, Any]:
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainingBackendError(f"{where}: the trainer's result is not JSON: {exc}") from exc
+    if not isinstance(result, dict) or not result.get("run_id"):
+        raise TrainingBackendError(f"{where}: the trainer's result has no run_id: {text[:200]!r}")
+    return result
+
+
+# --- docker ---------------------------------------------------------------------------------------------------------
+
+
+def docker_spec(request: TrainingRequest, params: DockerParams) -> dict[str, Any]:
+    """The container the docker backend starts: keyword arguments of docker's `containers.run`."""
+    from docker.types import DeviceRequest
+
+    spec: dict[str, Any] = {
+        "image": params.image,
+        "command": request.remote_arguments(params.data_dir, DOCKER_XCOM_FILE),
+        "environment": {**params.env, **request.lineage_env(), "CLOUDSCREEN_IMAGE": params.image},
+        "detach": True,
+        "labels": {"app": "cloudscreen-trainer", "cloudscreen.snapshot": request.snapshot},
+    }
+    if request.dag_run_id:
+        spec["labels"]["cloudscreen.dag_run_id"] = request.dag_run_id
+    if params.gpus:
+        spec["device_requests"] = [DeviceRequest(count=params.gpus, capabilities=[["gpu"]])]
+    return spec
+
+
+def run_docker(request: TrainingRequest, params: DockerParams) -> dict[str, Any]:
+    """Run the trainer image through the Docker engine, follow its log, return its result; the container is removed."""
+    from tasks.image import docker_client
+
+    client = docker_client(params.base_url)
+    spec = docker_spec(request, params)
+    log.info("training in a container of %s: %s", params.image, " ".join(spec["command"]))
+    container = client.containers.run(**spec)
+    try:
+        for chunk in container.logs(stream=True, follow=True):
+            log.info("trainer: %s", chunk.decode(errors="replace").rstrip())
+        status = container.wait()
+        if status.get("StatusCode") != 0:
+            raise TrainingBackendError(f"the trainer container {container.short_id} exited with {status}")
+        stream, _ = container.get_archive(DOCKER_XCOM_FILE)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as archive:
+            member = archive.extractfile(Path(DOCKER_XCOM_FILE).name)
+            if member is None:
+                raise TrainingBackendError(f"{DOCKER_XCOM_FILE}: missing in container {container.short_id}")
+            return _result(member.read().decode(), where=f"{container.short_id}:{DOCKER_XCOM_FILE}")
+    finally:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+
+
+# --- kubernetes -----------------------------------------------------------------------------------------------------
+
+
+def kubernetes_spec(
+    request_args: list[str] | Any, params: KubernetesParams, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """KubernetesPodOperator keyword arguments for the trainer pod (the DAG adds task id, pool, timeouts, docs).
+
+    The GPU is an extended resource and so goes in limits; the node selector and tolerations put the pod on the GPU
+    node pool; the service account carries the cloud identity (Workload Identity), secrets come from Kubernetes
+    Secrets, and the data version is restored into an emptyDir. `request_args` may be an Airflow XComArg and `env`
+    values Airflow templates (the DAG run's ids for the lineage tags): the operator resolves both when the task runs.
+    """
+    from kubernetes.client import models as k8s
+
+    limits = dict(params.limits)
+    if params.gpus:
+        limits["nvidia.com/gpu"] = str(params.gpus)
+    volume = k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource())
+    plain_env = {**params.env, **(env or {}), "CLOUDSCREEN_IMAGE": params.image}
+    return {
+        "namespace": params.namespace,
+        "image": params.image,
+        "arguments": request_args,
+        "service_account_name": params.service_account,
+        "container_resources": k8s.V1ResourceRequirements(requests=dict(params.requests), limits=limits),
+        "node_selector": dict(params.node_selector),
+        "tolerations": [
+            k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in params.tolerations
+        ],
+        "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in plain_env.items()]
+        + [
+            k8s.V1EnvVar(
+                name=s.env,
+                value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=s.secret, key=s.key)),
+            )
+            for s in params.secrets
+        ],
+        "volumes": [volume],
+        "volume_mounts": [k8s.V1VolumeMount(name="data", mount_path=params.data_dir)],
+        "security_context": k8s.V1PodSecurityContext(run_as_non_root=True),
+        "startup_timeout_seconds": params.startup_timeout_seconds,
+        "poll_interval": params.poll_interval_seconds,
+        "labels": {"app": "cloudscreen-trainer"},
+        "do_xcom_push": True,
+        "deferrable": True,
+        "on_finish_action": "delete_pod",
+        "get_logs": True,
+    }
