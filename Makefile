@@ -35,6 +35,9 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint --config .hadolint.yaml docker/*.Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+	$(VENV)/bin/kubernetes-validate --strict --quiet --kubernetes-version 1.35.0 docker/k8s/*.yaml
 
 test: lint
 	$(VENV)/bin/pytest
