@@ -68,6 +68,7 @@ class KubernetesParams(StepParams):
     env: dict[str, str]
     secrets: tuple[SecretEnv, ...]
     data_dir: str  # the emptyDir the data version is restored into
+    run_as_user: int = Field(ge=1)  # the trainer image's non-root user
     startup_timeout_seconds: int = Field(ge=1)
     poll_interval_seconds: float = Field(gt=0)
 
@@ -269,7 +270,13 @@ def kubernetes_spec(
         ],
         "volumes": [volume],
         "volume_mounts": [k8s.V1VolumeMount(name="data", mount_path=params.data_dir)],
-        "security_context": k8s.V1PodSecurityContext(run_as_non_root=True),
+        # Pod-wide, so that the operator's XCom sidecar (alpine, root by default) runs as the trainer's user too.
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=params.run_as_user,
+            run_as_group=params.run_as_user,
+            fs_group=params.run_as_user,
+        ),
         "startup_timeout_seconds": params.startup_timeout_seconds,
         "poll_interval": params.poll_interval_seconds,
         "labels": {"app": "cloudscreen-trainer"},

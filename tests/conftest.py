@@ -14,6 +14,17 @@ from tasks.mirror import Fault, MirrorParams, MirrorResult, build_mirror
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """Airflow reads its configuration once, when first imported: point it at a throwaway home and the project's
+    DAGs before any test imports it (tests that run Airflow for real give their subprocesses homes of their own)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="cloudscreen-airflow-home-"))
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+
 def mirror_params(**changes) -> MirrorParams:
     overrides = [f"mirror.{k}={v}" for k, v in changes.items()]
     return load_section("mirror", MirrorParams, overrides=overrides)

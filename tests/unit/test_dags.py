@@ -1,0 +1,199 @@
+"""The DAG files: they load, their graphs are as designed, their settings come from params.yaml, and the Kubernetes
+backend's pod renders with a GPU request and validates against the Kubernetes schema."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from unittest import mock
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tasks.backends import BackendsParams
+from tasks.config import load_section
+from tasks.pipeline import PipelineParams
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERNETES_VERSION = "1.31"
+
+
+@pytest.fixture(scope="module")
+def bag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+@pytest.fixture(scope="module")
+def refresh(bag):
+    return bag.dags["cloudscreen_refresh"]
+
+
+@pytest.fixture(scope="module")
+def training(bag):
+    return bag.dags["cloudscreen_training"]
+
+
+def edges(dag) -> set[tuple[str, str]]:
+    return {(task.task_id, down) for task in dag.tasks for down in task.downstream_task_ids}
+
+
+def test_both_dags_load_without_import_errors(bag):
+    assert bag.import_errors == {}
+    assert set(bag.dags) == {"cloudscreen_refresh", "cloudscreen_training"}
+
+
+def test_refresh_chains_the_data_steps(refresh):
+    assert {t.task_id for t in refresh.tasks} == {"download", "validate", "tile", "sample", "version"}
+    assert edges(refresh) == {
+        ("download", "validate"),
+        ("download", "tile"),  # the patches' folder comes from the download's result
+        ("validate", "tile"),
+        ("tile", "sample"),
+        ("tile", "version"),
+        ("sample", "version"),
+    }
+
+
+def test_training_branches_to_one_backend_then_evaluates_and_gates(training):
+    trains = {"train_local", "train_docker", "train_kubernetes"}
+    assert {t.task_id for t in training.tasks} == trains | {
+        "training_data", "plan_training", "choose_backend", "training_result", "evaluate", "gate", "summary",
+    }  # fmt: skip
+    graph = edges(training)
+    for train in trains:
+        assert ("choose_backend", train) in graph
+        assert ("plan_training", train) in graph
+        assert (train, "training_result") in graph
+    assert {("training_result", "evaluate"), ("evaluate", "gate"), ("gate", "summary")} <= graph
+    # Whichever backend ran, the others are skipped: the join must not need them all.
+    assert training.get_task("training_result").trigger_rule == "none_failed_min_one_success"
+
+
+def test_schedules_and_limits_come_from_params(refresh, training):
+    settings = load_section("pipeline", PipelineParams)
+    assert refresh.timetable.expression == "0 0 * * 0"  # params.yaml's @weekly
+    assert refresh.start_date == dt.datetime.combine(settings.start_date, dt.time(), dt.UTC)
+    assert refresh.max_active_runs == settings.max_active_runs
+    assert refresh.catchup is False
+    # New data or the periodic retrain, whichever comes first.
+    assert "cloudscreen_training_data" in str(training.timetable.asset_condition)
+    assert training.timetable.timetable.expression == "0 0 1 * *"  # params.yaml's @monthly
+    assert training.max_active_runs == 1
+    assert [o.name for o in refresh.get_task("version").outlets] == ["cloudscreen_training_data"]
+
+
+def test_io_tasks_retry_with_exponential_backoff_and_everything_has_a_timeout(refresh, training):
+    settings = load_section("pipeline", PipelineParams)
+    for task_id in ("download", "version"):
+        task = refresh.get_task(task_id)
+        assert task.retries == settings.retries
+        assert task.retry_exponential_backoff == settings.retry_exponential_backoff
+        assert task.max_retry_delay == dt.timedelta(seconds=settings.max_retry_delay_seconds)
+    for dag in (refresh, training):
+        for task in dag.tasks:
+            assert task.execution_timeout is not None, task.task_id
+    assert refresh.get_task("tile").execution_timeout == dt.timedelta(minutes=settings.timeout_minutes["tile"])
+
+
+def test_every_training_backend_runs_in_the_gpu_pool(training):
+    pool = load_section("pipeline", PipelineParams).gpu_pool
+    for task_id in ("train_local", "train_docker", "train_kubernetes"):
+        assert training.get_task(task_id).pool == pool
+
+
+def test_every_dag_and_task_is_documented(refresh, training):
+    for dag in (refresh, training):
+        assert dag.doc_md and len(dag.doc_md) > 200
+        for task in dag.tasks:
+            assert task.doc_md and task.doc_md.strip(), f"{dag.dag_id}.{task.task_id} has no doc_md"
+    assert "<data root>/raw/<snapshot>/" in refresh.get_task("download").doc_md
+
+
+def test_the_training_form_offers_the_run_choices(training):
+    params = training.params
+    assert {"dataset", "snapshot", "epochs", "learning_rate", "backend", "force_promote", "reason", "overrides"} <= set(
+        params.keys()
+    )
+    assert params.get_param("backend").schema["enum"] == ["local", "docker", "kubernetes"]
+    assert params.get_param("dataset").schema["enum"] == ["small", "large"]
+    # A bad value is refused by the form, before any task runs.
+    from airflow.sdk.definitions.param import ParamsDict
+
+    good = ParamsDict({k: params.get_param(k) for k in params})
+    good.update({"epochs": 3})
+    good.validate()
+    bad = ParamsDict({k: params.get_param(k) for k in params})
+    with pytest.raises(Exception, match=r"epochs|minimum"):
+        bad.update({"epochs": 0})
+        bad.validate()
+
+
+def rendered_pod(training, arguments: list[str]) -> dict:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import ApiClient
+
+    task = training.get_task("train_kubernetes")
+    # The arguments are an XComArg (plan_training's result) until the task runs; give them their runtime value.
+    with (
+        mock.patch.object(task, "arguments", arguments),
+        # No cluster here: rendering must not try to load a kubeconfig.
+        mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False),
+    ):
+        pod = task.build_pod_request_obj()
+    return ApiClient().sanitize_for_serialization(pod)
+
+
+def test_kubernetes_pod_requests_a_gpu_on_the_gpu_pool_and_validates(training):
+    settings = load_section("backends", BackendsParams).kubernetes
+    arguments = ["--snapshot", "2026-11-16", "--data-version", "0" * 32 + ".dir", "--restore-data", "/data"]
+    pod = rendered_pod(training, arguments)
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+    spec = pod["spec"]
+    (trainer,) = [c for c in spec["containers"] if c["name"] == "base"]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == str(settings.gpus)
+    assert trainer["image"] == settings.image
+    assert trainer["args"] == arguments
+    assert spec["nodeSelector"] == settings.node_selector
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["serviceAccountName"] == settings.service_account
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["restartPolicy"] == "Never"
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cloudscreen-mlflow",
+        "key": "tracking-token",
+    }
+    assert env["CLOUDSCREEN_IMAGE"]["value"] == settings.image
+    assert env["CLOUDSCREEN_DAG_RUN_ID"]["value"] == "{{ run_id }}"  # rendered by Airflow when the task runs
+    # No credentials by file: nothing from the host, the data in an emptyDir, the result through the XCom sidecar.
+    assert all("hostPath" not in v for v in spec["volumes"])
+    mounts = {m["mountPath"] for m in trainer["volumeMounts"]}
+    assert {settings.data_dir, "/airflow/xcom"} <= mounts
+
+
+def test_kubernetes_task_is_deferrable_and_deletes_its_pod(training):
+    task = training.get_task("train_kubernetes")
+    assert task.deferrable is True
+    assert task.do_xcom_push is True
+    assert task.on_finish_action.value == "delete_pod"
+
+
+def test_k8s_pod_template_in_docker_agrees_with_the_backend_settings():
+    """docker/k8s/trainer-pod.yaml (for kubectl and reviewers) says what the operator runs."""
+    template = REPO / "docker" / "k8s" / "trainer-pod.yaml"
+    if not template.exists():
+        pytest.fail(f"{template} is missing")
+    settings = load_section("backends", BackendsParams).kubernetes
+    pod = yaml.safe_load(template.read_text())
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert pod["metadata"]["namespace"] == settings.namespace
+    assert spec["serviceAccountName"] == settings.service_account
+    assert spec["nodeSelector"] == settings.node_selector
+    assert container["image"] == settings.image
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == str(settings.gpus)
+    assert [t["key"] for t in spec["tolerations"]] == [t.key for t in settings.tolerations]
