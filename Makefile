@@ -30,7 +30,7 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 setup: $(VENV)/.synced
 
 demo: setup
-	$(PY) demo/run.py
+	$(PY) -m demo.run
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -46,6 +46,7 @@ bench: setup
 	$(PY) -m bench.ingest
 	$(PY) -m bench.tile
 	$(PY) -m bench.train_input
+	$(PY) -m bench.orchestration
 
 # Foreground, Ctrl-C stops it. Configured by the MLFLOW_* variables of mlflow/server.sh (see mlflow/README.md).
 tracking: setup

@@ -22,6 +22,7 @@ def _run() -> pipeline.Run:
         logical_date=dag_run.logical_date,
         run_id=dag_run.run_id,
         overrides=context["params"]["overrides"],
+        snapshot=context["params"]["snapshot"],
     )
 
 
@@ -34,6 +35,12 @@ def _run() -> pipeline.Run:
     default_args=pipeline.task_defaults(SETTINGS, io=False, timeout="io"),
     tags=["cloudscreen", "data"],
     params={
+        "snapshot": Param(
+            None,
+            type=["null", "string"],
+            description="Name the snapshot (e.g. 2026-q4-reprocess); empty: the logical date, or the run id of a "
+            "manual run.",
+        ),
         "source": Param(
             SETTINGS.source,
             type="string",

@@ -1,13 +1,13 @@
-"""`make demo`: the ingest stages on the embedded default data, end to end, on this machine.
+"""`make demo`: the whole pipeline on the embedded default data, through the real DAGs, on this machine.
 
-Builds the BigEarthNet-format mirror described by params.yaml (`mirror`), serves it over HTTP on a random loopback
-port the way the official archive is served, downloads it with tasks.download (checksum from the served .sha256),
-validates it with tasks.validate, tiles it with tasks.tile on a Dask LocalCluster, draws the small and large sets
-with tasks.sample, pushes the snapshot's data version to the DVC remote in the local GCS emulator's bucket
-(persisted under .local/gcs), then starts the real MLflow tracking server (SQLite store .local/mlflow.db, artifacts
-proxied to the emulator bucket), trains the CNN and the SGD baseline on the small set, evaluates both, runs the
-promotion gate, and prints where everything went. Re-running is cheap: every stage skips work that is already
-complete (the trainer finds its finished run in its checkpoint directory; the gate returns its recorded verdict).
+Builds the BigEarthNet-format mirror described by params.yaml (`mirror`) and serves it over HTTP on a random loopback
+port the way the official archive is served; starts the GCS emulator (bucket `cloudscreen`, persisted under
+.local/gcs: the DVC remote and MLflow's artifact store) and the real MLflow tracking server (SQLite .local/mlflow.db);
+then runs the `cloudscreen_refresh` DAG (download → validate → tile → sample → version) for the snapshot `demo` and the
+`cloudscreen_training` DAG (train on the local backend → evaluate → gate) with `dag.test()` against a local Airflow
+home (.local/airflow), and prints where everything went. Re-running is cheap for the data: every refresh step finds
+its output for `demo` complete and skips; each training DAG run trains a new challenger, which the gate judges against
+the champion.
 """
 
 from __future__ import annotations
@@ -18,32 +18,26 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import tracking
-from tasks.baseline import BaselineParams, baseline
+from demo import airflow_local
 from tasks.cli import configure_logging
 from tasks.config import load_section
-from tasks.download import DownloadParams, download, resolve_request
-from tasks.evaluate import EvaluateParams, evaluate
-from tasks.gate import GateParams, gate
 from tasks.mirror import MirrorParams, build_mirror
-from tasks.model import ModelParams
-from tasks.sample import DATASETS, SampleParams, sample
 from tasks.storage import local_gcs_emulator
-from tasks.tile import TileParams, tile
 from tasks.tracking_server import mlflow_server
-from tasks.train import CostParams, TrainParams, train
-from tasks.validate import DATA_DOCS_INDEX, ValidateParams, validate
-from tasks.versioning import VersioningParams, push
+from tasks.versioning import VersioningParams
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / ".local" / "data"
+LOCAL = REPO / ".local"
 SNAPSHOT = "demo"
 # A real run uses the params.yaml defaults (the whole train split, batch 128, up to 30 epochs: several minutes on 2
-# CPU cores). The demo trains the same network on 400 patches per class for 4 epochs, in batches of 32 so that its
-# ~100 steps settle the batch-norm statistics.
+# CPU cores). The demo trains the same network on part of the small set for a few epochs, in batches of 32 so that
+# its steps settle the batch-norm statistics: enough for a first champion, in about two minutes.
 DEMO_TRAINING = ["train.max_train_patches=400", "train.epochs=4", "train.batch_size=32"]
+# The summary's run link points at the MLflow UI `make up` serves on the same store.
+MLFLOW_UI = "http://127.0.0.1:5000"
 
 log = logging.getLogger("demo")
 
@@ -60,141 +54,106 @@ def _serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def main() -> None:
-    configure_logging(verbose=False)
+@dataclass(frozen=True)
+class DemoOutcome:
+    refresh: airflow_local.DagRunOutcome
+    training: airflow_local.DagRunOutcome
+    seconds: float  # the whole demo: mirror, servers, both DAG runs
+    dag_seconds: float  # both DAG runs, start to end
+
+    @property
+    def task_seconds(self) -> float:
+        return sum(self.refresh.task_seconds.values()) + sum(self.training.task_seconds.values())
+
+    @property
+    def overhead(self) -> float:
+        """DAG wall time over the time the tasks themselves took: what orchestration costs."""
+        return self.dag_seconds / self.task_seconds
+
+
+def run_demo(local: Path = LOCAL, training: list[str] = DEMO_TRAINING) -> DemoOutcome:
+    """Mirror → served → refresh DAG → training DAG, with every service the DAGs need; the two DAG runs' outcomes."""
     started = time.monotonic()
-    mirror = build_mirror(out=DATA / "mirror", params=load_section("mirror", MirrorParams))
+    airflow_local.configure(local / "airflow")
+    os.environ["CLOUDSCREEN_DATA_ROOT"] = str(local / "data")
+    mirror = build_mirror(out=local / "data" / "mirror", params=load_section("mirror", MirrorParams))
+    bucket = load_section("versioning", VersioningParams).remote.removeprefix("gs://").split("/")[0]
     server, base = _serve(mirror.archive.parent)
     try:
-        params = load_section("download", DownloadParams)
-        url, checksum = resolve_request(
-            url=f"{base}/{mirror.archive.name}",
-            source=None,
-            checksum_url=f"{base}/{mirror.archive.name}.sha256",
-            params=params,
-        )
-        fetched = download(url=url, dest=DATA / "raw" / SNAPSHOT, checksum=checksum, params=params)
+        with local_gcs_emulator(bucket, data_dir=local / "gcs") as emulator:
+            os.environ["STORAGE_EMULATOR_HOST"] = emulator
+            with mlflow_server(
+                backend_uri=f"sqlite:///{local / 'mlflow.db'}",
+                artifacts_destination=f"gs://{bucket}/mlflow",
+                env={"STORAGE_EMULATOR_HOST": emulator},
+            ) as tracking_uri:
+                os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+                dags_started = time.monotonic()
+                refresh = airflow_local.run_dag(
+                    "cloudscreen_refresh",
+                    conf={
+                        "snapshot": SNAPSHOT,
+                        "source": f"{base}/{mirror.archive.name}",
+                        "checksum_url": f"{base}/{mirror.archive.name}.sha256",
+                    },
+                )
+                _check(refresh)
+                trained = airflow_local.run_dag(
+                    "cloudscreen_training",
+                    conf={
+                        "snapshot": SNAPSHOT,
+                        "backend": "local",
+                        "overrides": [*training, f"pipeline.mlflow_ui_url={MLFLOW_UI}"],
+                    },
+                )
+                _check(trained)
+                dag_seconds = time.monotonic() - dags_started
     finally:
         server.shutdown()
-    validated = validate(
-        patches=fetched.root, out=DATA / "validated" / SNAPSHOT, params=load_section("validate", ValidateParams)
+    return DemoOutcome(refresh, trained, time.monotonic() - started, dag_seconds)
+
+
+def _check(outcome: airflow_local.DagRunOutcome) -> None:
+    if outcome.state != "success":
+        failed = [task for task, state in outcome.task_states.items() if state not in ("success", "skipped")]
+        raise SystemExit(f"{outcome.dag_id} run {outcome.run_id} {outcome.state}: tasks {failed} (see the log above)")
+
+
+def describe(outcome: DemoOutcome) -> str:
+    fetched = outcome.refresh.results["download"]
+    validated = outcome.refresh.results["validate"]
+    tiled = outcome.refresh.results["tile"]
+    sampled = outcome.refresh.results["sample"]
+    record = outcome.refresh.results["version"]
+    summary = outcome.training.results["summary"]
+    sets = "\n".join(
+        f"  {name:<11} {s['patches']} patches; natural set {s['natural_patches']} at prevalence "
+        f"{s['natural_prevalence']:.4f}\n              {s['manifest']}"
+        for name, s in sampled["sets"].items()
     )
-    report = validated.report
-    if not validated.success:
-        raise SystemExit(f"validation failed: see {validated.report_path} and its Data Docs")
-    tiles = tile(
-        patches=fetched.root,
-        out=DATA / "tiles" / SNAPSHOT,
-        params=load_section("tile", TileParams),
-        report=validated.report_path,
-    )
-    sample_params = load_section("sample", SampleParams)
-    sets = {name: sample(tiles=tiles.out, out=DATA / "samples" / SNAPSHOT, dataset=name, params=sample_params)
-            for name in DATASETS}  # fmt: skip
-    versioning = load_section("versioning", VersioningParams)
-    with local_gcs_emulator(
-        versioning.remote.removeprefix("gs://").split("/")[0], data_dir=REPO / ".local" / "gcs"
-    ) as emulator:
-        os.environ["STORAGE_EMULATOR_HOST"] = emulator
-        pushed = push(snapshot=SNAPSHOT, tiles=tiles.out, samples=DATA / "samples" / SNAPSHOT,
-                      out=DATA / "versions" / SNAPSHOT, params=versioning)  # fmt: skip
-        modelled = _train_and_gate(
-            emulator, manifest=sets["small"].manifest_path, tiles=tiles.out, data_version=pushed.data.version
-        )
-        del os.environ["STORAGE_EMULATOR_HOST"]
-    set_lines = "\n".join(
-        f"  {name:<11} {s.summary['patches']} patches ({_splits(s.summary['counts'])}); natural set "
-        f"{s.summary['natural']['patches']} at prevalence {s.summary['natural']['prevalence']:.4f}\n"
-        f"              {s.manifest_path}"
-        for name, s in sets.items()
-    )
-    print(
-        f"""
-cloudscreen demo — snapshot {SNAPSHOT!r}, {time.monotonic() - started:.0f} s
-  mirror      {mirror.archive}
-              {len(mirror.patch_ids)} patches ({len(mirror.cloud_patch_ids)} in the official cloud-and-shadow list)
-  served at   {url}
-  downloaded  {fetched.root}{"  (already there)" if fetched.skipped else ""}
-  validated   {report["checked"]} checked, {report["valid"]} valid, {len(report["quarantined"])} quarantined; \
-suite {"passed" if report["suite_success"] else "FAILED"}
-  report      {validated.report_path}
-  Data Docs   file://{validated.report_path.parent / DATA_DOCS_INDEX}
-  tiles       {tiles.out}  ({tiles.patches} patches in {tiles.shards} shards, R G B)
-{set_lines}
-  data version {pushed.data.version}  (in {pushed.remote}, local GCS emulator under .local/gcs)
-              restore: python -m tasks.versioning restore --version {pushed.data.version} --dest DIR
-              (with STORAGE_EMULATOR_HOST pointing at an emulator serving .local/gcs)
-{modelled}
-  look        make tracking  → MLflow UI at http://127.0.0.1:5000 (runs, plots, registry)
+    training = "\n".join(f"  {line}" for line in summary["text"].splitlines())
+    timing = f"{outcome.seconds:.0f} s (DAG runs {outcome.dag_seconds:.0f} s, their tasks {outcome.task_seconds:.0f} s)"
+    return f"""
+cloudscreen demo — {timing}
+  refresh     cloudscreen_refresh run {outcome.refresh.run_id}: {outcome.refresh.state}, snapshot {record["snapshot"]!r}
+  served at   {fetched["url"]}
+  downloaded  {fetched["patches"]}{"  (already there)" if fetched["skipped"] else ""}
+  validated   {validated["checked"]} checked, {validated["valid"]} valid, {validated["quarantined"]} quarantined
+  Data Docs   file://{validated["data_docs"]}
+  tiles       {tiled["tiles"]}  ({tiled["patches"]} patches in {tiled["shards"]} shards)
+{sets}
+  data version {record["data_version"]}  (in {record["remote"]}, on the local GCS emulator)
+              restore: python -m tasks.versioning restore --version {record["data_version"]} --dest DIR
+  training    cloudscreen_training run {outcome.training.run_id}: {outcome.training.state}
+{training}
+  look        make up  → Airflow UI http://127.0.0.1:8080 (both DAGs, this run's tasks and logs)
+                         MLflow UI  http://127.0.0.1:5000 (runs, plots, registry)
 """
-    )
 
 
-def _train_and_gate(emulator: str, *, manifest: Path, tiles: Path, data_version: str) -> str:
-    """Train, baseline, evaluate and gate through a real tracking server; return the summary lines."""
-    store = REPO / ".local" / "mlflow.db"
-    lineage = tracking.Lineage.from_environment(snapshot=SNAPSHOT, data_version=data_version)
-    with mlflow_server(
-        backend_uri=f"sqlite:///{store}",
-        artifacts_destination="gs://cloudscreen/mlflow",
-        env={"STORAGE_EMULATOR_HOST": emulator},
-    ) as uri:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        train_params = load_section("train", TrainParams, overrides=DEMO_TRAINING)
-        cost = load_section("cost", CostParams)
-        trained = train(
-            manifest=manifest,
-            tiles=tiles,
-            params=train_params,
-            model_params=load_section("model", ModelParams, overrides=DEMO_TRAINING),
-            cost=cost,
-            lineage=lineage,
-            checkpoint_dir=DATA / "checkpoints" / SNAPSHOT / "cnn",
-        )
-        floor = baseline(
-            manifest=manifest,
-            tiles=tiles,
-            params=load_section("baseline", BaselineParams),
-            train_params=train_params,
-            cost=cost,
-            lineage=lineage,
-        )
-        evaluate_params = load_section("evaluate", EvaluateParams)
-        scores = {
-            name: evaluate(
-                model_uri=tracking.run_model_uri(run_id),
-                manifest=manifest,
-                tiles=tiles,
-                params=evaluate_params,
-                log_to_run=run_id,
-            ).metrics
-            for name, run_id in (("cnn", trained.run_id), ("baseline", floor.run_id))
-        }
-        verdict = gate(
-            run_id=trained.run_id,
-            params=load_section("gate", GateParams),
-            registered_model=train_params.registered_model,
-        )
-        del os.environ["MLFLOW_TRACKING_URI"]
-    lines = [
-        f"  trained     CNN run {trained.run_id}, {trained.epochs} epochs"
-        f"{'  (already there)' if trained.reused else ''}; "
-        f"{train_params.registered_model} version {trained.model_version}, alias challenger",
-        f"  baseline    SGD run {floor.run_id}",
-    ]
-    for name, metrics in scores.items():
-        lines.append(
-            f"  {name:<11} test: recall {metrics['test_op_recall']:.3f} at precision {metrics['test_op_precision']:.3f}"
-            f" (threshold {metrics['operating_threshold']:.3f}), ROC-AUC {metrics['test_roc_auc']:.3f}; "
-            f"natural set: precision {metrics['natural_op_precision']:.3f}"
-        )
-    lines.append(f"  gate        {verdict.decision}: " + " ".join(verdict.reasons))
-    lines.append(f"  tracking    {store} (artifacts in gs://cloudscreen/mlflow, local GCS emulator under .local/gcs)")
-    return "\n".join(lines)
-
-
-def _splits(counts: dict[str, dict[str, int]]) -> str:
-    return ", ".join(f"{split} {sum(by_class.values())}" for split, by_class in counts.items())
+def main() -> None:
+    configure_logging(verbose=False)
+    print(describe(run_demo()))
 
 
 if __name__ == "__main__":

@@ -108,9 +108,23 @@ class Run:
         return self.data_root / SNAPSHOTS_DIR / f"{self.snapshot}.json"
 
 
-def run_for(*, run_type: str, logical_date: dt.datetime | None, run_id: str, overrides: Iterable[str] = ()) -> Run:
-    """The Run of one DAG run (its type, logical date and id as Airflow gives them) with the form's overrides."""
-    snapshot = snapshot_key(run_type=run_type, logical_date=logical_date, run_id=run_id)
+def run_for(
+    *,
+    run_type: str,
+    logical_date: dt.datetime | None,
+    run_id: str,
+    overrides: Iterable[str] = (),
+    snapshot: str | None = None,
+) -> Run:
+    """The Run of one DAG run (its type, logical date and id as Airflow gives them) with the form's overrides; a
+    snapshot named in the form replaces the run's own key (re-processing a named snapshot, the demo's `demo`)."""
+    if snapshot:
+        if _UNSAFE.search(snapshot) or not snapshot[0].isalnum():
+            raise PipelineError(
+                f"snapshot {snapshot!r}: use letters, digits and . _ : + - (starting with one of the first two)"
+            )
+    else:
+        snapshot = snapshot_key(run_type=run_type, logical_date=logical_date, run_id=run_id)
     return Run(snapshot=snapshot, overrides=tuple(overrides))
 
 

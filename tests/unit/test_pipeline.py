@@ -194,3 +194,15 @@ def test_download_substitutes_the_snapshot_into_the_source_url(small_mirror, run
     assert Path(fetched["patches"]).is_relative_to(run.data_root / "raw" / "2026-11-16")
     assert fetched["skipped"] is False
     assert download_step(run)["skipped"] is True  # a re-run of the interval does nothing
+
+
+def test_a_snapshot_named_in_the_form_replaces_the_runs_key(tmp_path, monkeypatch):
+    from tasks.pipeline import run_for
+
+    monkeypatch.setenv("CLOUDSCREEN_PARAMS", str(write_params(tmp_path / "params.yaml")))
+    logical = dt.datetime(2026, 11, 16, tzinfo=UTC)
+    assert run_for(run_type="manual", logical_date=logical, run_id="manual__x", snapshot="demo").snapshot == "demo"
+    assert run_for(run_type="backfill", logical_date=logical, run_id="backfill__x").snapshot == "2026-11-16"
+    for bad in ("../etc", "a/b", "-x"):
+        with pytest.raises(PipelineError, match="letters, digits"):
+            run_for(run_type="manual", logical_date=None, run_id="manual__x", snapshot=bad)
