@@ -89,8 +89,8 @@ a summary with the MLflow run link and the verdict.
 def cloudscreen_training():
     @task
     def training_data() -> dict:
-        """Pick the snapshot to train on (the form's, the one that triggered this run, else the newest) and pin its
-        data version; restore it from the DVC remote if its files are gone.
+        """Check the form, pick the snapshot to train on (the form's, the one that triggered this run, else the
+        newest) and pin its data version; restore it from the DVC remote if its files are gone.
 
         Output: snapshot, data version, manifest and tiles paths.
         """
@@ -101,6 +101,7 @@ def cloudscreen_training():
             for event in asset_events
         ]
         params = context["params"]
+        pipeline.check_training_form(force_promote=params["force_promote"], reason=params["reason"])
         return pipeline.training_data(_run(), snapshot=params["snapshot"], events=events, dataset=params["dataset"])
 
     @task

@@ -271,6 +271,14 @@ def snapshot_records(data_root: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["as_of"], r["snapshot"]))
 
 
+def check_training_form(*, force_promote: bool, reason: str | None) -> None:
+    """Refuse a forced promotion without a reason before anything trains, not after."""
+    if force_promote and not (reason and reason.strip()):
+        raise ConfigError("force_promote needs a reason: say why the gate's rules are overridden (it is recorded)")
+    if reason and not force_promote:
+        raise ConfigError("a reason is only for a forced promotion: tick force_promote, or leave the reason empty")
+
+
 def training_data(
     run: Run, *, snapshot: str | None = None, events: Iterable[Mapping[str, Any]] = (), dataset: str | None = None
 ) -> dict[str, Any]:

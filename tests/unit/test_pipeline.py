@@ -206,3 +206,14 @@ def test_a_snapshot_named_in_the_form_replaces_the_runs_key(tmp_path, monkeypatc
     for bad in ("../etc", "a/b", "-x"):
         with pytest.raises(PipelineError, match="letters, digits"):
             run_for(run_type="manual", logical_date=None, run_id="manual__x", snapshot=bad)
+
+
+def test_a_forced_promotion_needs_a_reason_before_anything_trains():
+    from tasks.pipeline import check_training_form
+
+    check_training_form(force_promote=True, reason="the champion was trained on corrupt data")
+    check_training_form(force_promote=False, reason=None)
+    with pytest.raises(ConfigError, match="needs a reason"):
+        check_training_form(force_promote=True, reason="  ")
+    with pytest.raises(ConfigError, match="only for a forced promotion"):
+        check_training_form(force_promote=False, reason="why not")
