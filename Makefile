@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 LOCAL := .local
 export UV_PYTHON := $(PYTHON_VERSION)
 
-.PHONY: help setup demo test lint bench tracking clean
+.PHONY: help setup demo test lint bench tracking clean up browser
 
 help:
 	@echo "make demo   build the embedded BigEarthNet-format mirror, serve it on loopback; download, validate, tile, sample, version it; train, evaluate and gate a model through a real MLflow server"
@@ -18,6 +18,8 @@ help:
 	@echo "make lint   ruff check + ruff format --check"
 	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"
 	@echo "make tracking  MLflow server on http://127.0.0.1:5000 (SQLite .local/mlflow.db; artifacts in the GCS emulator, .local/gcs)"
+	@echo "make up     the local stack until Ctrl-C: Airflow UI + REST API on http://127.0.0.1:8080 (.local/airflow), MLflow UI on http://127.0.0.1:5000, GCS emulator (.local/gcs)"
+	@echo "make browser  install chromium + chromium-driver with apt-get when missing (the UI test needs them; root)"
 
 $(UV):
 	python3 -m venv $(LOCAL)/tools
@@ -39,7 +41,7 @@ lint: setup
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 	$(VENV)/bin/kubernetes-validate --strict --quiet --kubernetes-version 1.35.0 docker/k8s/*.yaml
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest
 
 bench: setup
@@ -54,3 +56,17 @@ tracking: setup
 
 clean:
 	rm -rf $(LOCAL)/data $(LOCAL)/gcs $(LOCAL)/mlflow.db test-artifacts
+
+# Foreground, Ctrl-C stops it: GCS emulator, MLflow server and `airflow standalone` (demo/up.py says what it sets up).
+up: setup
+	$(PY) -m demo.up
+
+# Chromium and its WebDriver for tests/e2e/test_ui.py, from the distribution's packages (Debian: chromium,
+# chromium-driver), installed only when missing.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "make browser: /usr/bin/chromium or /usr/bin/chromedriver is missing; as root run: apt-get install -y chromium chromium-driver" >&2; \
+		exit 1; \
+	fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,11 +248,27 @@ def _dask_client(workers: int) -> Iterator[Any]:
         with Client(address) as client:
             yield client
         return
+    import dask
+
     with (
+        dask.config.set({"distributed.worker.multiprocessing-method": _worker_start_method()}),
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+def _worker_start_method() -> str:
+    """How the local cluster starts its worker processes.
+
+    Dask's default, spawn, re-runs the parent's `__main__` in every worker. That is this module when the step runs as
+    `python -m tasks.tile`, but a host's own script when the step runs inside one: an Airflow task's main script is
+    `airflow`, which refuses to start in a worker (the task runner puts the metadata database off limits), so the
+    cluster never came up under the scheduler. Then the workers are forked instead: they only decode TIFFs, and
+    nothing they inherit from the host is used.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "spawn" if spec is not None and spec.name.startswith("tasks.") else "fork"
 
 
 def _quarantined(report: Path | None, patches: Path) -> set[str]:
