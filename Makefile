@@ -13,9 +13,9 @@ export UV_PYTHON := $(PYTHON_VERSION)
 .PHONY: help setup demo test lint bench tracking clean up browser
 
 help:
-	@echo "make demo   build the embedded BigEarthNet-format mirror, serve it on loopback; download, validate, tile, sample, version it; train, evaluate and gate a model through a real MLflow server"
-	@echo "make test   lint, then every test (unit, data, integration with real servers on loopback)"
-	@echo "make lint   ruff check + ruff format --check"
+	@echo "make demo   build the embedded BigEarthNet-format mirror and serve it on loopback; run the refresh DAG (download, validate, tile, sample, version) and the training DAG (train, evaluate, gate) with dag.test(), a real MLflow server and the GCS emulator"
+	@echo "make test   lint, then every test (unit, data, model, integration with real servers on loopback, end to end: DAG runs, a real scheduler, the UI)"
+	@echo "make lint   ruff check + ruff format --check, hadolint, the compose schema, kubernetes-validate"
 	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"
 	@echo "make tracking  MLflow server on http://127.0.0.1:5000 (SQLite .local/mlflow.db; artifacts in the GCS emulator, .local/gcs)"
 	@echo "make up     the local stack until Ctrl-C: Airflow UI + REST API on http://127.0.0.1:8080 (.local/airflow), MLflow UI on http://127.0.0.1:5000, GCS emulator (.local/gcs)"
@@ -55,7 +55,7 @@ tracking: setup
 	$(PY) -m tasks.tracking_server --with-emulator $(LOCAL)/gcs
 
 clean:
-	rm -rf $(LOCAL)/data $(LOCAL)/gcs $(LOCAL)/mlflow.db test-artifacts
+	rm -rf $(LOCAL)/data $(LOCAL)/gcs $(LOCAL)/mlflow.db $(LOCAL)/airflow test-artifacts
 
 # Foreground, Ctrl-C stops it: GCS emulator, MLflow server and `airflow standalone` (demo/up.py says what it sets up).
 up: setup
