@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import requests
 
 from demo.airflow_local import REPO, airflow_env
 from tasks.errors import CloudscreenError
+from tasks.tracking_server import free_port, port_free
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ def airflow_standalone(
     if not AIRFLOW.exists():
         raise StackError(f"{AIRFLOW}: no airflow executable beside this Python (run `make setup`)")
     if not port:
-        port = _free_port(host)
-    elif not _port_free(host, port):
+        port = free_port(host)
+    elif not port_free(host, port):
         raise StackError(f"port {port} on {host} is already in use: stop what listens there or choose another port")
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     process_env = {
@@ -406,22 +406,6 @@ def _tail(path: Path, chars: int = TAIL_CHARS) -> str:
 def _tail_message(path: Path) -> str:
     text = _tail(path).strip()
     return f"\n--- the end of {path} ---\n{text}" if text else f"; {path} is empty"
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def interruptible() -> None:

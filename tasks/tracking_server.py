@@ -79,8 +79,8 @@ def mlflow_server(
             ready in time. The message ends with the tail of the server's output.
     """
     if not port:
-        port = _free_port(host)
-    elif not _port_free(host, port):
+        port = free_port(host)
+    elif not port_free(host, port):
         raise TrackingServerError(f"port {port} on {host} is already in use; choose another port")
     client_host = "127.0.0.1" if host == "0.0.0.0" else host
     uri = f"http://{client_host}:{port}"
@@ -205,13 +205,15 @@ def _tail(output: IO[bytes] | None) -> str:
     return f": {text.splitlines()[-1]}\n--- the end of the server's output ---\n{text}"
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A port on `host` that nothing listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind `host:port` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT does not count
         try:

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks import tracking
-from tasks.config import apply_overrides, load_section, read_params_file
+from tasks.config import load_section
 from tasks.mirror import MirrorParams, build_mirror
 from tasks.storage import local_gcs_emulator
+from tests.e2e.conftest import write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -31,26 +31,9 @@ class Pipeline:
         self.root = root
         self.data = root / "data"
         self.params = root / "params.yaml"
-        self.params.write_text(
-            yaml.safe_dump(
-                apply_overrides(
-                    read_params_file(REPO / "params.yaml"),
-                    [
-                        f"pipeline.data_root={self.data}",
-                        f"pipeline.source=file://{archive}",
-                        f"pipeline.checksum_url=file://{archive}.sha256",
-                        "sample.small_per_class=24",
-                        "tile.workers=1",
-                        "tile.shard_patches=64",
-                        "validate.workers=1",
-                        "train.epochs=1",
-                        "train.batch_size=16",
-                        "train.system_metrics_interval_seconds=1",
-                    ],
-                ),
-                sort_keys=False,
-            )
-        )
+        write_params(self.params, data_root=self.data)
+        # One archive, given to the refresh's form: the params' source is the scheduler tests' per-interval archives.
+        self.refresh_form = {"source": f"file://{archive}", "checksum_url": f"file://{archive}.sha256"}
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
         self.env = {
             **os.environ,
@@ -86,7 +69,7 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refreshed(pipeline):
-    return pipeline.run("cloudscreen_refresh")
+    return pipeline.run("cloudscreen_refresh", pipeline.refresh_form)
 
 
 @pytest.fixture(scope="module")
