@@ -5,7 +5,9 @@ natural-prevalence evaluation set); pixels come from the tile step's shards. The
 the contract in tasks.tracking (raw uint16 patches in, cloud probabilities out).
 
 The operating threshold is chosen on val (see `operating_threshold`) and then only reported on test and natural, so
-the test numbers are an honest estimate. A patch is called cloud when its score is >= the threshold.
+the test numbers are an honest estimate. A patch is called cloud when its score is >= the threshold. With
+`threshold_confidence` set, the threshold is the highest one at which val shows, with that confidence, that the
+recall on new patches reaches the target (a lower confidence bound, not the recall val happened to give).
 
 Metric names (built once, by `metric_name`), with SET one of val, test, natural:
 - `SET_AT_METRIC` for metrics of a decision threshold, AT being `t50` (threshold 0.5) or `op` (the operating
@@ -90,6 +92,8 @@ _RECALL_TOLERANCE = 1e-9  # target × positives is computed in floating point: 0
 
 class EvaluateParams(StepParams):
     target_recall: float = Field(gt=0, le=1)
+    # None: the threshold whose val recall reaches the target (evaluations recorded before this setting existed).
+    threshold_confidence: float | None = Field(default=None, gt=0, lt=1)
     batch_size: int = Field(ge=1)
     slice_columns: tuple[str, ...]
     worst_examples: int = Field(ge=1)
@@ -169,8 +173,11 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
     }
 
 
-def operating_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
-    """The highest threshold whose recall on these patches is at least `target_recall`.
+def operating_threshold(
+    labels: np.ndarray, scores: np.ndarray, target_recall: float, confidence: float | None = None
+) -> float:
+    """The highest threshold whose recall on these patches is at least `target_recall`; with `confidence`, the
+    highest at which these patches show with that confidence that the recall on new patches is at least the target.
 
     With P cloud patches, recall at threshold t counts the cloud scores >= t, so the answer is the k-th highest
     cloud score, k = ceil(target_recall × P): any higher threshold loses a cloud patch below the target. Hence:
@@ -179,16 +186,40 @@ def operating_threshold(labels: np.ndarray, scores: np.ndarray, target_recall: f
     - when the target needs every cloud patch (target 1, or few cloud patches), it is the lowest cloud score, and
       can be 0 if the model gives a cloud patch 0 — then every patch is flagged, which the caller should report.
 
+    That threshold reaches the target on these patches, not on new ones: the recall a new set of patches gets at it
+    falls below the target more often than not (with P = 120 and a target of 0.958, its expected value is 0.950).
+    `confidence` asks for a margin that follows from the data alone. The recall on new patches at the k-th highest
+    of P cloud scores — distribution-free, for scores of patches drawn from the same population (exchangeable) — is
+    Beta(k, P + 1 - k) distributed, so P(recall >= target) = P(Binomial(P, target) <= k - 1): the threshold is the
+    k-th highest cloud score for the smallest k with that probability >= `confidence` (0.5: the median recall
+    reaches the target; 0.9: a one-sided 90 % lower bound does), never above the threshold without `confidence`.
+    When even the lowest cloud score does not give the confidence (P too small), it is the lowest cloud score: see
+    `recall_confidence` for what was reached.
+
     Raises:
-        ValueError: no cloud patches, or a target outside (0, 1].
+        ValueError: no cloud patches, a target outside (0, 1], or a confidence outside (0, 1).
     """
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall {target_recall} is outside (0, 1]")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} is outside (0, 1)")
     positive = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])[::-1]
     if not len(positive):
         raise ValueError("no cloud patches: recall is undefined")
     k = min(max(math.ceil(target_recall * len(positive) - _RECALL_TOLERANCE), 1), len(positive))
+    if confidence is not None:
+        reached = recall_confidence(np.arange(1, len(positive) + 1), len(positive), target_recall)
+        enough = np.flatnonzero(reached >= confidence - _RECALL_TOLERANCE)
+        k = max(k, int(enough[0]) + 1 if len(enough) else len(positive))
     return float(positive[k - 1])
+
+
+def recall_confidence(k: np.ndarray | int, positives: int, target_recall: float) -> np.ndarray:
+    """The probability that the recall on new patches at the k-th highest of `positives` cloud scores is at least
+    `target_recall`: P(Binomial(positives, target_recall) <= k - 1) (see `operating_threshold`)."""
+    from scipy import stats
+
+    return stats.binom.cdf(np.asarray(k) - 1, positives, target_recall)
 
 
 def set_metrics(dataset: str, labels: np.ndarray, scores: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
@@ -264,13 +295,17 @@ def predict(model: Any, frame: pd.DataFrame, tiles: Path, batch: int) -> np.ndar
 
 
 def assess(
-    predictions: pd.DataFrame, target_recall: float, slice_columns: tuple[str, ...] | list[str]
+    predictions: pd.DataFrame,
+    target_recall: float,
+    slice_columns: tuple[str, ...] | list[str],
+    confidence: float | None = None,
 ) -> tuple[float, dict[str, float], pd.DataFrame]:
     """Everything `evaluate` derives from the scores: the operating threshold (chosen on val), the flat metrics of
     every set and the slices of test and natural at that threshold.
 
     Args:
         predictions: predictions.parquet's columns: set (val, test, natural), label, score and the slice columns.
+        confidence: of the recall on new patches reaching the target at the threshold (`operating_threshold`).
 
     Returns:
         (operating threshold, metrics by flat name, slices: set, column, value, counts and metrics).
@@ -279,7 +314,19 @@ def assess(
         ValueError: val holds no cloud patch.
     """
     val = predictions[predictions["set"] == "val"]
-    threshold = operating_threshold(val["label"].to_numpy(), val["score"].to_numpy(), target_recall)
+    labels, scores = val["label"].to_numpy(), val["score"].to_numpy()
+    threshold = operating_threshold(labels, scores, target_recall, confidence)
+    if confidence is not None:
+        flagged = int(((scores >= threshold) & (labels == 1)).sum())
+        reached = float(recall_confidence(flagged, int(labels.sum()), target_recall))
+        if reached < confidence - _RECALL_TOLERANCE:
+            log.warning(
+                "val's %d cloud patches cannot show recall %g with confidence %g: the lowest cloud score gives %.3f",
+                int(labels.sum()),
+                target_recall,
+                confidence,
+                reached,
+            )
     if (val["score"] >= threshold).all():
         log.warning(
             "the operating threshold %g flags every val patch as cloud: the only way this model reaches recall %g",
@@ -608,7 +655,9 @@ def evaluate(
     frame["score"] = frame["patch_id"].map(pd.Series(scores, index=unique["patch_id"].to_numpy()))
     predictions = frame[["patch_id", "set", "label", "score", *dict.fromkeys(params.slice_columns)]]
 
-    threshold, metrics, slice_frame = assess(predictions, params.target_recall, params.slice_columns)
+    threshold, metrics, slice_frame = assess(
+        predictions, params.target_recall, params.slice_columns, params.threshold_confidence
+    )
 
     summary = {
         "model_uri": model_uri,
@@ -617,8 +666,15 @@ def evaluate(
             "operating": threshold,
             "default": DEFAULT_THRESHOLD,
             "target_recall": params.target_recall,
+            "confidence": params.threshold_confidence,
             "chosen_on": "val",
-            "rule": "score >= threshold is cloud; operating = highest threshold with val recall >= target_recall",
+            "rule": "score >= threshold is cloud; operating = highest threshold with val recall >= target_recall"
+            + (
+                ""
+                if params.threshold_confidence is None
+                else " and P(recall on new patches >= target_recall) >= confidence (order statistics of val's cloud "
+                "scores)"
+            ),
         },
         "metrics": metrics,
         "data": {

@@ -123,7 +123,8 @@ def test_metrics_agree_with_scikit_learn_on_the_predictions(evaluation, training
     assert predictions["score"].between(0, 1).all() and predictions["score"].dtype == np.float64
 
     val = predictions[predictions["set"] == "val"]
-    threshold = ev.operating_threshold(val["label"].to_numpy(), val["score"].to_numpy(), 0.958)
+    confidence = evaluation.summary["threshold"]["confidence"]  # params.yaml's evaluate.threshold_confidence
+    threshold = ev.operating_threshold(val["label"].to_numpy(), val["score"].to_numpy(), 0.958, confidence)
     assert evaluation.threshold == threshold
     assert evaluation.metrics["val_op_recall"] >= 0.958
     for name in ("test", "natural"):

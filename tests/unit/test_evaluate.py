@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from tasks.evaluate import (
     operating_threshold,
     pr_curve_figure,
     predict,
+    recall_confidence,
     render_rgb,
     set_metrics,
     slice_metrics,
@@ -162,6 +164,46 @@ def test_operating_threshold_needs_cloud_patches_and_a_sane_target():
         operating_threshold(np.array([0, 0]), np.array([0.1, 0.2]), 0.9)
     with pytest.raises(ValueError, match="outside"):
         operating_threshold(LABELS, SCORES, 0.0)
+    with pytest.raises(ValueError, match="confidence 1 is outside"):
+        operating_threshold(LABELS, SCORES, 0.5, confidence=1)
+
+
+def binomial_cdf(x: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= x), summed exactly: an independent check of scipy's."""
+    q = Fraction(str(p))
+    return float(sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(x + 1)))
+
+
+@pytest.mark.parametrize(
+    ("confidence", "k"), [(None, 115), (0.01, 115), (0.5, 116), (0.6, 117), (0.8, 118), (0.9, 119), (0.95, 119)]
+)
+def test_confidence_picks_the_kth_highest_cloud_score_of_the_order_statistic_bound(confidence, k):
+    labels = np.r_[np.ones(120, dtype=int), np.zeros(50, dtype=int)]
+    scores = np.r_[np.linspace(0.99, 0.2, 120), np.linspace(0.9, 0.0, 50)]  # cloud scores descending: k-th = [k-1]
+    assert operating_threshold(labels, scores, 0.958, confidence) == scores[k - 1]
+    if k > 115:  # moved by the confidence: the smallest k whose bound reaches it
+        assert binomial_cdf(k - 1, 120, 0.958) >= confidence > binomial_cdf(k - 2, 120, 0.958)
+    assert recall_confidence(k, 120, 0.958) == pytest.approx(binomial_cdf(k - 1, 120, 0.958))
+
+
+def test_confidence_is_the_share_of_val_draws_whose_threshold_reaches_the_target_on_new_patches():
+    # Cloud scores uniform on [0, 1]: the recall on new patches at threshold t is exactly 1 - t. With 60 cloud
+    # patches and target 0.9 the rule without confidence takes the 54th highest score, which reaches the target on
+    # new patches in 39 % of val draws only; confidence 0.5 takes the 55th (56 %), 0.9 the 58th (95 %).
+    rng = np.random.default_rng(5)
+    labels = np.ones(60, dtype=int)
+    draws = rng.uniform(size=(2000, 60))
+    for confidence, expected in ((None, 0.394), (0.5, 0.563), (0.9, 0.947)):
+        reached = np.mean([1 - operating_threshold(labels, s, 0.9, confidence) >= 0.9 for s in draws])
+        assert reached == pytest.approx(expected, abs=0.035), confidence
+
+
+def test_confidence_falls_back_to_the_lowest_cloud_score_when_val_has_too_few_clouds():
+    labels = np.array([1, 1, 1, 1, 1, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    # 5 cloud patches: even flagging all of them shows recall 0.958 with confidence 1 - 0.958^5 = 0.19 only.
+    assert operating_threshold(labels, scores, 0.958, 0.9) == 0.5
+    assert recall_confidence(5, 5, 0.958) == pytest.approx(1 - 0.958**5)
 
 
 # --- names and slices ----------------------------------------------------------------------------------------------
@@ -220,6 +262,10 @@ def test_assess_picks_the_threshold_on_val_and_reports_every_set():
         ["test", "season", "Summer", 8],
         ["natural", "season", "Summer", 4],
     ]
+    # With a confidence the threshold is lower: val's 3 cloud patches show recall 0.6 on new patches with confidence
+    # P(Binomial(3, 0.6) <= 1) = 0.35 when 2 of them are flagged, 1 - 0.6^3 = 0.78 when all 3 are.
+    cautious, metrics, _ = assess(predictions, 0.6, ["season"], confidence=0.75)
+    assert cautious == 0.4 and metrics["operating_threshold"] == 0.4 and metrics["val_op_recall"] == 1.0
 
 
 # --- model output, batching, rendering, plots ----------------------------------------------------------------------
@@ -406,6 +452,21 @@ def test_missing_columns_labels_and_untiled_patches_are_named(data):
     rewrite(manifest, lambda f: f.drop(columns="country"))
     with pytest.raises(EvaluationError, match=r"manifest\.parquet: lacks column\(s\) country"):
         run_evaluate(manifest, tiles)
+
+
+def test_params_take_a_threshold_confidence_or_none():
+    from tasks.errors import ConfigError
+
+    assert (
+        load_section("evaluate", EvaluateParams, overrides=["evaluate.threshold_confidence=null"]).threshold_confidence
+        is None
+    )
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="threshold_confidence"):
+            load_section("evaluate", EvaluateParams, overrides=[f"evaluate.threshold_confidence={bad}"])
+    # Evaluations recorded before the setting existed (the gate re-reads their params) keep their rule.
+    recorded = load_section("evaluate", EvaluateParams).model_dump(exclude={"threshold_confidence"})
+    assert EvaluateParams.model_validate(recorded).threshold_confidence is None
 
 
 def test_params_reject_bad_percentiles():
