@@ -743,17 +743,34 @@ def main() -> None:
     model.add_argument(
         "--model", help="evaluate models:/NAME@ALIAS or models:/NAME/VERSION and log to its version's source run"
     )
+    model.add_argument(
+        "--run-file", type=Path, help="evaluate the run named in this JSON (what tasks.train --xcom-out writes)"
+    )
     p.add_argument("--manifest", type=Path, required=True, help="a sample manifest.parquet (natural.parquet beside)")
     p.add_argument("--tiles", type=Path, required=True, help="the tile step's output holding the patches")
+    p.add_argument("--out", type=Path, help="also write the summary printed on stdout here (DVC metrics)")
     args = p.parse_args()
     cli.configure_logging(args.verbose)
     params = load_section("evaluate", EvaluateParams, args.params, args.overrides)
-    model_uri = run_model_uri(args.run_id) if args.run_id else args.model
-    run_id = args.run_id or model_run_id(model_uri)
+    run_id = _run_from_file(args.run_file) if args.run_file else args.run_id
+    model_uri = run_model_uri(run_id) if run_id else args.model
+    run_id = run_id or model_run_id(model_uri)
     result = evaluate(model_uri=model_uri, manifest=args.manifest, tiles=args.tiles, params=params, log_to_run=run_id)
     summary = {"model_uri": result.model_uri, "run_id": result.run_id, "target_recall": result.target_recall}
     summary |= {name: result.metrics[name] for name in SUMMARY_METRICS}
+    if args.out:
+        write_json(args.out, jsonable(summary))
     print(json.dumps(jsonable(summary), indent=2))
+
+
+def _run_from_file(path: Path) -> str:
+    try:
+        run_id = json.loads(path.read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise EvaluationError(f"{path}: not a training result (JSON with a run_id): {exc}") from exc
+    if not run_id:
+        raise EvaluationError(f"{path}: no run_id in this training result")
+    return str(run_id)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-STAGES = ["mirror", "download", "validate", "tile", "sample"]
+STAGES = ["mirror", "download", "validate", "tile", "sample", "train", "evaluate"]
 DATA = Path(".local/data")
 
 
@@ -33,11 +33,11 @@ def test_every_stage_runs_its_step_with_its_params_section_and_module():
         cmd = " ".join(stage["cmd"].split())
         assert cmd.startswith(f"python -m tasks.{name} "), cmd
         assert f"tasks/{name}.py" in stage["deps"]
-        assert stage["params"] == [name]
-        for out in stage["outs"]:
+        assert stage["params"][0] == name  # its own section first; train also reads model and cost
+        for out in stage.get("outs", []) + stage.get("metrics", []):
             path = out if isinstance(out, str) else next(iter(out))
             # Outputs are the paths the command line is told to write to.
-            assert re.search(rf"--(out|dest) {re.escape(path)}(\s|$)", cmd), (name, path)
+            assert re.search(rf"--(out|dest|xcom-out) {re.escape(path)}(\s|$)", cmd), (name, path)
 
 
 def _tiny_copy(root: Path) -> None:
@@ -52,6 +52,8 @@ def _tiny_copy(root: Path) -> None:
     params["validate"]["workers"] = 1
     params["tile"]["workers"] = 1
     params["sample"]["small_per_class"] = 10
+    params["train"]["epochs"] = 1
+    params["train"]["batch_size"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -66,6 +68,7 @@ def test_repro_runs_every_stage_once_and_a_second_repro_does_nothing(tmp_path, g
         "DVC_SITE_CACHE_DIR": str(tmp_path / ".site-cache"),
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         "NO_GCE_CHECK": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
 
     def dvc(*args: str) -> str:
@@ -85,6 +88,8 @@ def test_repro_runs_every_stage_once_and_a_second_repro_does_nothing(tmp_path, g
         "tiles/embedded/tiles.json",
         "samples/embedded/small/manifest.parquet",
         "samples/embedded/large/manifest.parquet",
+        "models/embedded/train.json",
+        "evaluations/embedded/metrics.json",
     ):
         assert (tmp_path / DATA / path).is_file(), path
     lock = (tmp_path / "dvc.lock").read_text()

@@ -280,3 +280,14 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "run abc: Run with id=abc not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_run_file_that_is_not_a_training_result_is_one_line(tmp_path):
+    bad = tmp_path / "train.json"
+    bad.write_text('{"model_version": "3"}')
+    command = [sys.executable, "-m", "tasks.evaluate", "--params", str(REPO / "params.yaml"), "--run-file", str(bad),
+               "--manifest", str(tmp_path / "manifest.parquet"), "--tiles", str(tmp_path)]  # fmt: skip
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"{bad}: no run_id in this training result" in done.stderr and "Traceback" not in done.stderr
