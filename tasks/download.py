@@ -340,13 +340,17 @@ def _read_small(url: str, params: DownloadParams) -> str:
 
 
 def _completed(manifest_path: Path, src: _Source, checksum: Checksum, archive: Path, dest: Path) -> _Manifest | None:
-    """The manifest of an earlier run of this very download whose outputs are still in place, else None."""
+    """The manifest of an earlier run of this very download whose outputs are still in place, else None.
+
+    The same archive (name and checksum) counts whatever URL it came from: a mirror, or a server on another port,
+    serves the same bytes.
+    """
     try:
         manifest = _Manifest(**_read_json(manifest_path))
     except (OSError, ValueError, TypeError):
         return None
-    wanted = (src.url, src.name, checksum.algorithm, checksum.digest)
-    if (manifest.url, manifest.archive, manifest.algorithm, manifest.checksum) != wanted:
+    wanted = (src.name, checksum.algorithm, checksum.digest)
+    if (manifest.archive, manifest.algorithm, manifest.checksum) != wanted:
         return None
     try:
         size_ok = archive.stat().st_size == manifest.size

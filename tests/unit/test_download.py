@@ -225,6 +225,21 @@ def test_second_run_does_nothing(tmp_path: Path) -> None:
     assert first.manifest.stat().st_mtime_ns == manifest_mtime
 
 
+def test_the_same_archive_from_another_url_is_not_fetched_again(tmp_path: Path) -> None:
+    src = _example_copy(tmp_path)
+    dest = tmp_path / "dest"
+    checksum = Checksum("sha256", _digest(src, "sha256"))
+    first = download(url=str(src), dest=dest, checksum=checksum, params=PARAMS)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    moved = src.rename(mirror / src.name)  # the same bytes, served from elsewhere (a mirror, another port)
+
+    second = download(url=str(moved), dest=dest, checksum=checksum, params=PARAMS)
+
+    assert second.skipped
+    assert second.root == first.root
+
+
 def test_lost_extraction_is_redone_from_the_verified_archive_without_refetching(tmp_path: Path) -> None:
     src = _example_copy(tmp_path)
     dest = tmp_path / "dest"
