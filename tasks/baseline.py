@@ -171,10 +171,7 @@ def _log_model(pipeline: Any, source: inputs.PatchSource, train: pd.DataFrame) -
 
 def main() -> None:
     p = cli.parser("Fit the SGD logistic-regression baseline on a sample manifest and log it to MLflow.")
-    p.add_argument("--manifest", type=Path, required=True, help="samples/<snapshot>/<set>/manifest.parquet")
-    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory")
-    p.add_argument("--snapshot", help="lineage: the snapshot trained on (default: $CLOUDSCREEN_SNAPSHOT)")
-    p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+    cli.add_training_inputs(p)
     args = p.parse_args()
     cli.configure_logging(args.verbose)
 

@@ -38,6 +38,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_training_inputs(p: argparse.ArgumentParser) -> None:
+    """The data and lineage options of every command that trains (tasks.train, tasks.baseline, tasks.search)."""
+    p.add_argument("--manifest", type=Path, required=True, help="samples/<snapshot>/<set>/manifest.parquet")
+    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory")
+    p.add_argument("--snapshot", help="lineage: the snapshot trained on (default: $CLOUDSCREEN_SNAPSHOT)")
+    p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -246,10 +246,7 @@ def objective_figure(trials: pd.DataFrame, metric: str, best: int | None) -> Any
 
 def main() -> None:
     p = cli.parser("Search the learning rate and optimizer with optuna; each trial a nested MLflow run of tasks.train.")
-    p.add_argument("--manifest", type=Path, required=True, help="samples/<snapshot>/<set>/manifest.parquet")
-    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory")
-    p.add_argument("--snapshot", help="lineage: the snapshot searched on (default: $CLOUDSCREEN_SNAPSHOT)")
-    p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+    cli.add_training_inputs(p)
     args = p.parse_args()
     cli.configure_logging(args.verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our log

@@ -509,8 +509,7 @@ def _requirements() -> list[str]:
 
 def main() -> None:
     p = cli.parser("Train the classifier on a sample manifest; log it to MLflow and register it as challenger.")
-    p.add_argument("--manifest", type=Path, required=True, help="samples/<snapshot>/<set>/manifest.parquet")
-    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory")
+    cli.add_training_inputs(p)
     p.add_argument(
         "--set-param",
         action="append",
@@ -522,8 +521,6 @@ def main() -> None:
     p.add_argument(
         "--xcom-out", type=Path, help='write {"run_id", "model_version"} as JSON here (KPO: /airflow/xcom/return.json)'
     )
-    p.add_argument("--snapshot", help="lineage: the snapshot trained on (default: $CLOUDSCREEN_SNAPSHOT)")
-    p.add_argument("--data-version", help="lineage: the DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
     p.add_argument(
         "--restore-data",
         type=Path,
