@@ -52,7 +52,7 @@ bench: setup
 
 # Foreground, Ctrl-C stops it. Configured by the MLFLOW_* variables of mlflow/server.sh (see mlflow/README.md).
 tracking: setup
-	$(PY) -m tasks.tracking_server --with-emulator $(LOCAL)/gcs
+	$(PY) -m ops.tracking_server --with-emulator $(LOCAL)/gcs
 
 clean:
 	rm -rf $(LOCAL)/data $(LOCAL)/gcs $(LOCAL)/mlflow.db $(LOCAL)/airflow test-artifacts

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import tifffile
 
-from tasks import bigearthnet as ben
-from tasks.config import load_section
 from tasks.download import _extract
+from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
 from tasks.mirror import MirrorParams, build_mirror
 from tasks.validate import ValidateParams, _check_patch
 

@@ -21,7 +21,7 @@ import json
 import shutil
 
 from demo.run import REPO, run_demo
-from tasks.cli import configure_logging
+from tasks.lib.cli import configure_logging
 
 SCRATCH = REPO / ".local" / "bench" / "orchestration"
 TARGET = 1.3

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import tree_rss_peak
-from tasks.bigearthnet import PATCH_NAME_RE
+from tasks.lib.bigearthnet import PATCH_NAME_RE
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.cli import configure_logging
-from tasks.config import load_section
+from tasks.lib.cli import configure_logging
+from tasks.lib.config import load_section
+from tasks.lib.files import file_digest, write_json
 from tasks.sample import MANIFEST_FILE, NATURAL_FILE
-from tasks.storage import file_digest, write_json
 from tasks.tile import INDEX_FILE, load_patches
 from tasks.tile import MANIFEST_FILE as TILES_MANIFEST
 
@@ -147,8 +147,8 @@ def _key(*parts: Any) -> str:
 
 
 def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str]) -> str:
-    from tasks import tracking
-    from tasks.model import ModelParams
+    from tasks.lib import tracking
+    from tasks.lib.model import ModelParams
     from tasks.train import CostParams, TrainParams, train
 
     params = load_section("train", TrainParams, overrides=overrides)
@@ -175,8 +175,8 @@ def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str])
 def _train_baseline(tiles: Path, manifest: Path, retrain: bool, overrides: list[str]) -> str:
     from mlflow import MlflowClient
 
-    from tasks import tracking
     from tasks.baseline import BaselineParams, baseline
+    from tasks.lib import tracking
     from tasks.train import CostParams, TrainParams
 
     params = load_section("baseline", BaselineParams, overrides=overrides)
@@ -208,7 +208,7 @@ def _evaluate(run_id: str, manifest: Path, tiles: Path, child: str | None, overr
     from mlflow import MlflowClient
 
     from tasks.evaluate import EvaluateParams, evaluate
-    from tasks.tracking import TAG_KIND, run_model_uri
+    from tasks.lib.tracking import TAG_KIND, run_model_uri
 
     log_to = run_id
     client = MlflowClient()

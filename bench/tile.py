@@ -29,8 +29,8 @@ from pathlib import Path
 import tifffile
 
 from bench.measure import run_measured
-from tasks import bigearthnet as ben
-from tasks.config import load_section
+from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
 from tasks.mirror import MirrorParams, build_mirror
 from tasks.tile import TileParams, tile
 

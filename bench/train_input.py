@@ -2,16 +2,16 @@
 
     python -m bench.train_input [--rounds 7] [--steps 8] [--passes 3]
 
-(a) input alone: iterate tasks.inputs.dataset over the train split exactly as tasks.train configures it (shuffled,
+(a) input alone: iterate tasks.lib.inputs.dataset over the train split exactly as tasks.train configures it (shuffled,
     augmented, batch size of params.yaml's train section), --passes epochs, consuming every batch, no model: images/s.
-(b) training step alone: one epoch of model.fit of params.yaml's default network (tasks.model.build_model, compiled
+(b) training step alone: one epoch of model.fit of params.yaml's default network (tasks.lib.model.build_model, compiled
     as tasks.train compiles it) over --steps augmented batches already in memory, so no input work is in it: images/s.
 (a)/(b) is how many times faster the input can feed than the model can eat (target >= 3: the input must never be the
 bottleneck). (c) end to end: one epoch of model.fit of the same model on the real pipeline over the same --steps
 batches' patches; (c)/(b) near 1 means the pipeline, sharing the CPU with the training step, costs the step nothing.
 Each epoch of (c) runs its pipeline to the end, as training does (freeing a tf.data iterator stopped mid-epoch takes
 about 0.3 s here, which training never pays), and its time includes freeing the iterator, which model.fit does once
-per epoch: with tf.data's autotuning on, that waited for the autotuning thread's next wake-up (tasks/inputs.py).
+per epoch: with tf.data's autotuning on, that waited for the autotuning thread's next wake-up (tasks/lib/inputs.py).
 Measurements alternate (a, b, c, a, b, c, ...) after one warm-up of each, and the median of each is reported, with
 (c)/(b) taken per round (back to back, so a busy spell of a shared machine hits both sides). The process CPU time
 per image of (a), (b) and (c) is printed too: it does not depend on what else the machine runs, and on 2 cores the
@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import inputs
-from tasks.config import load_section
-from tasks.model import ModelParams, build_model, compile_for_training
+from tasks.lib import inputs
+from tasks.lib.config import load_section
+from tasks.lib.model import ModelParams, build_model, compile_for_training
 from tasks.train import TrainParams, read_splits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def main() -> None:
         .cache()
     )
     no_autotune = tf.data.Options()
-    no_autotune.autotune.enabled = False  # as in tasks.inputs: freeing an iterator waits for nothing
+    no_autotune.autotune.enabled = False  # as in tasks.lib.inputs: freeing an iterator waits for nothing
     in_memory = in_memory.with_options(no_autotune)
 
     def fit(data: Any) -> None:

@@ -1,13 +1,13 @@
 """cloudscreen_refresh: one snapshot of training data per interval — download → validate → tile → sample → version.
 
-Wiring only: each task calls one function of tasks.pipeline, which calls the step's module in tasks/.
+Wiring only: each task calls one function of tasks.lib.pipeline, which calls the step's module in tasks/.
 """
 
 from __future__ import annotations
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from tasks import pipeline
+from tasks.lib import pipeline
 
 SETTINGS = pipeline.load_pipeline_params()
 TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)

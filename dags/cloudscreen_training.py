@@ -1,6 +1,7 @@
 """cloudscreen_training: train → evaluate → gate on the newest snapshot, on new data and on a periodic schedule.
 
-Wiring only: each task calls one function of tasks.pipeline (or, on Kubernetes, runs the trainer image's entrypoint).
+Wiring only: each task calls one function of tasks.lib.pipeline (or, on Kubernetes, runs the trainer image's
+entrypoint).
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from tasks import backends, pipeline
-from tasks.config import load_section
+from tasks.lib import backends, pipeline
+from tasks.lib.config import load_section
 
 SETTINGS = pipeline.load_pipeline_params()
 KUBERNETES = load_section("backends", backends.BackendsParams).kubernetes

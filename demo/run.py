@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demo import airflow_local
-from tasks.cli import configure_logging
-from tasks.config import load_section
+from ops.gcs_emulator import local_gcs_emulator
+from ops.tracking_server import mlflow_server
+from tasks.lib.cli import configure_logging
+from tasks.lib.config import load_section
 from tasks.mirror import MirrorParams, build_mirror
-from tasks.storage import local_gcs_emulator
-from tasks.tracking_server import mlflow_server
 from tasks.versioning import VersioningParams
 
 REPO = Path(__file__).resolve().parent.parent

@@ -30,8 +30,8 @@ from typing import Any
 import requests
 
 from demo.airflow_local import REPO, airflow_env
-from tasks.errors import CloudscreenError
-from tasks.tracking_server import free_port, port_free
+from ops.tracking_server import free_port, port_free
+from tasks.lib.errors import StackError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ PROBE_TIMEOUT = 5.0
 START_TIMEOUT = 300.0  # a fresh home migrates its SQLite database first: about a minute on 2 busy cores
 STOP_TIMEOUT = 30.0  # SIGTERM grace for every process of the session before SIGKILL
 TAIL_CHARS = 4000
-
-
-class StackError(CloudscreenError):
-    """Airflow could not start (port taken, exited, not healthy in time) or answered a request with an error."""
 
 
 # --- the REST client ----------------------------------------------------------------------------------------------
@@ -428,7 +424,7 @@ def wait_for_interrupt() -> None:
 
 
 def main() -> None:
-    from tasks.cli import configure_logging
+    from tasks.lib.cli import configure_logging
 
     p = argparse.ArgumentParser(description="Run `airflow standalone` alone in the foreground until Ctrl-C.")
     p.add_argument("--home", type=Path, default=REPO / ".local" / "airflow", help="AIRFLOW_HOME")
@@ -443,6 +439,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tasks import cli
+    from tasks.lib import cli
 
     cli.run(main)

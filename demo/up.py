@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from demo.stack import AirflowStack, airflow_standalone, interruptible, wait_for_interrupt
-from tasks.config import load_section
-from tasks.pipeline import PipelineParams
+from tasks.lib.config import load_section
+from tasks.lib.pipeline import PipelineParams
 from tasks.versioning import VersioningParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,9 +96,9 @@ cloudscreen stack up in {seconds:.0f} s — Ctrl-C stops everything
 
 
 def main() -> None:
-    from tasks.cli import configure_logging
-    from tasks.storage import local_gcs_emulator
-    from tasks.tracking_server import mlflow_server
+    from ops.gcs_emulator import local_gcs_emulator
+    from ops.tracking_server import mlflow_server
+    from tasks.lib.cli import configure_logging
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--airflow-port", type=int, default=8080, help="Airflow UI and REST API")
@@ -154,6 +154,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tasks import cli
+    from tasks.lib import cli
 
     cli.run(main)

@@ -1,5 +1,5 @@
 # The GPU trainer: `python -m tasks.train` on TensorFlow's CUDA image. Built from the repository root by
-# `python -m tasks.image build`; run by the kubernetes backend (docker/k8s/trainer-pod.yaml) and the docker backend.
+# `python -m ops.image build`; run by the kubernetes backend (docker/k8s/trainer-pod.yaml) and the docker backend.
 #
 # The project locks tensorflow-cpu; the base image's `tensorflow` is the same release built for CUDA. So every
 # locked package except tensorflow-cpu is installed, at the lock's versions and hashes, beside it.
@@ -28,7 +28,7 @@ RUN uv venv --no-cache --system-site-packages --python python3 /opt/venv \
     && rm /tmp/requirements.txt
 
 WORKDIR /opt/cloudscreen
-# tasks/ finds params.yaml beside itself (tasks.config); the CLIs read it from the working directory.
+# tasks/ finds params.yaml beside itself (tasks.lib.config); the CLIs read it from the working directory.
 COPY params.yaml ./
 COPY tasks ./tasks
 

@@ -2,7 +2,7 @@
 # Start the cloudscreen MLflow tracking server, configured by environment variables.
 #
 # The same script is the container's entrypoint in production and what `make tracking`, the tests and the demo run
-# locally (through tasks/tracking_server.py). Artifacts are proxied: clients send them to this server, which writes
+# locally (through ops/tracking_server.py). Artifacts are proxied: clients send them to this server, which writes
 # them to the object store, so clients need MLFLOW_TRACKING_URI and no storage credentials.
 #
 # Variables (MLflow's own names: `mlflow server` reads them as well) and their defaults:
@@ -84,7 +84,7 @@ if [[ -n "${STORAGE_EMULATOR_HOST:-}" ]]; then
     hostport="${hostport%%/*}"
     if [[ "$hostport" == *:* ]] && ! listening "${hostport%:*}" "${hostport##*:}"; then
         die "STORAGE_EMULATOR_HOST=$STORAGE_EMULATOR_HOST: nothing listens there; start the emulator" \
-            "(python -m tasks.tracking_server --with-emulator DIR starts one with the server)"
+            "(python -m ops.tracking_server --with-emulator DIR starts one with the server)"
     fi
     store="the GCS emulator at $STORAGE_EMULATOR_HOST"
 fi

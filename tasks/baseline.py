@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from tasks import cli, inputs, tracking
-from tasks.config import StepParams, load_section
+from tasks.lib import cli, inputs, tracking
+from tasks.lib.config import StepParams, load_section
 from tasks.train import CostParams, TrainParams, cost_usd, dataset_name, dataset_params, hardware_tags, read_splits
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _log_model(pipeline: Any, source: inputs.PatchSource, train: pd.DataFrame) -
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from tasks import serving
+    from tasks.lib import serving
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *serving.PATCH_SHAPE))]),

@@ -32,10 +32,11 @@ import zstandard
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import ChecksumMismatchError, ConfigError, DownloadError, UnsafeArchiveError
-from tasks.storage import atomic_dir, gcs_client, split_gs_url, write_json
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import ChecksumMismatchError, ConfigError, DownloadError, UnsafeArchiveError
+from tasks.lib.files import atomic_dir, write_json
+from tasks.lib.gcs import gcs_client, split_gs_url
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -2,7 +2,7 @@
 
 Data: the sample step's `manifest.parquet` (its val and test splits) and the `natural.parquet` beside it (the
 natural-prevalence evaluation set); pixels come from the tile step's shards. The model is any MLflow pyfunc that keeps
-the contract in tasks.tracking (raw uint16 patches in, cloud probabilities out).
+the contract in tasks.lib.tracking (raw uint16 patches in, cloud probabilities out).
 
 The operating threshold is chosen on val (see `operating_threshold`) and then only reported on test and natural, so
 the test numbers are an honest estimate. A patch is called cloud when its score is >= the threshold. With
@@ -18,8 +18,8 @@ Metric names (built once, by `metric_name`), with SET one of val, test, natural:
 - `operating_threshold` and `target_recall`.
 A metric that is undefined on the data (precision with nothing flagged, ROC-AUC with one class) is NaN.
 
-Artifacts under `evaluation/` (tasks.tracking.EVALUATION_DIR): metrics.json (every number, the threshold, params, data
-paths, digests and counts), predictions.parquet (patch_id, set, label, score and the slice columns; what the gate's
+Artifacts under `evaluation/` (tasks.lib.tracking.EVALUATION_DIR): metrics.json (every number, the threshold, params,
+data paths, digests and counts), predictions.parquet (patch_id, set, label, score and the slice columns; what the gate's
 paired test reads), slices.parquet (per-slice metrics at the operating threshold), and the plots
 precision_recall_vs_threshold.png, precision_recall_curve.png, confusion_matrix.png, worst_errors.png. Tags
 `cloudscreen.evaluate.*` record the model URI, manifest, natural set, tiles and the manifests' digests.
@@ -42,13 +42,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import EvaluationError
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import EvaluationError
+from tasks.lib.files import file_digest, jsonable, write_json
+from tasks.lib.tracking import EVALUATION_DIR, TAG_PREFIX, run_model_uri
 from tasks.sample import NATURAL_FILE
-from tasks.storage import file_digest, jsonable, write_json
 from tasks.tile import INDEX_FILE, load_patches
-from tasks.tracking import EVALUATION_DIR, TAG_PREFIX, run_model_uri
 
 log = logging.getLogger(__name__)
 
@@ -620,7 +620,7 @@ def evaluate(
     """Evaluate a classifier on a sample set's val and test splits and its natural set; optionally log the results.
 
     Args:
-        model_uri: a pyfunc model keeping the tasks.tracking contract (runs:/…, models:/name@alias, …).
+        model_uri: a pyfunc model keeping the tasks.lib.tracking contract (runs:/…, models:/name@alias, …).
         manifest: a sample manifest; its val split picks the threshold, test and the `natural.parquet` beside it
             are reported.
         tiles: the tile step's output holding those patches.

@@ -65,9 +65,6 @@ from typing import Annotated, Any, Literal
 import pandas as pd
 from pydantic import Field, ValidationError, field_validator
 
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import EvaluationError, GateError
 from tasks.evaluate import (
     METRICS_FILE,
     OPERATING_THRESHOLD,
@@ -77,9 +74,11 @@ from tasks.evaluate import (
     evaluate,
     slice_metrics,
 )
-from tasks.sample import NATURAL_FILE
-from tasks.storage import file_digest, jsonable
-from tasks.tracking import (
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import EvaluationError, GateError
+from tasks.lib.files import file_digest, jsonable
+from tasks.lib.tracking import (
     CHAMPION,
     EVALUATION_DIR,
     GATE_FILE,
@@ -88,6 +87,7 @@ from tasks.tracking import (
     TAG_GATE_REASONS,
     TAG_PREFIX,
 )
+from tasks.sample import NATURAL_FILE
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from pydantic import Field
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from tasks import bigearthnet as ben
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import ConfigError
-from tasks.storage import atomic_path, file_digest
+from tasks.lib import bigearthnet as ben
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import ConfigError
+from tasks.lib.files import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import pandas as pd
 import pyarrow.dataset
 from pydantic import Field, model_validator
 
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import CloudscreenError, ConfigError
-from tasks.storage import atomic_dir, path_digest, write_json
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import ConfigError, SampleError
+from tasks.lib.files import atomic_dir, path_digest, write_json
 from tasks.tile import INDEX_FILE, METADATA_FILE
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,6 @@ class SampleParams(StepParams):
             total = self.train_fraction + self.val_fraction + self.test_fraction
             raise ValueError(f"train_fraction + val_fraction + test_fraction is {total:g}, expected 1")
         return self
-
-
-class SampleError(CloudscreenError):
-    """The tiles cannot yield the requested sets: a missing input or column, or too few patches of a class."""
 
 
 @dataclass(frozen=True)

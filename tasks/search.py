@@ -36,9 +36,9 @@ from typing import Any, Literal, get_args
 import pandas as pd
 from pydantic import Field, model_validator
 
-from tasks import cli, inputs, tracking
-from tasks.config import StepParams, load_section
-from tasks.model import ModelParams
+from tasks.lib import cli, inputs, tracking
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.model import ModelParams
 from tasks.train import CostParams, TrainParams, read_splits, train
 
 log = logging.getLogger(__name__)

@@ -32,12 +32,12 @@ import pandas as pd
 from pydantic import Field
 from tqdm import tqdm
 
-from tasks import bigearthnet as ben
-from tasks import cli
-from tasks.bands import BandReader
-from tasks.config import StepParams, load_section
-from tasks.errors import CloudscreenError
-from tasks.storage import atomic_dir, folders_fingerprint, write_json
+from tasks.lib import bigearthnet as ben
+from tasks.lib import cli
+from tasks.lib.bands import BandReader
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import TilingError
+from tasks.lib.files import atomic_dir, folders_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ class TileParams(StepParams):
     shard_max_mb: int = Field(ge=1)
     metadata_batch: int = Field(ge=1)
     workers: int = Field(ge=1)
-
-
-class TilingError(CloudscreenError):
-    """The patches or the validation report cannot be tiled as asked."""
 
 
 @dataclass(frozen=True)

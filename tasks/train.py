@@ -5,8 +5,8 @@ One entrypoint for the GPU pod (KubernetesPodOperator), a Docker container on a 
 
 A run records params (every hyperparameter, the architecture, the dataset and its sizes per split and class),
 per-epoch metrics for train and val, MLflow system metrics, hardware and version tags, the cost of the wall time at
-the configured machine's price, the lineage tags of tasks.tracking, the manifest as a dataset input, and the model:
-the Keras flavor plus the pyfunc classifier (tasks.serving) registered with alias `challenger`.
+the configured machine's price, the lineage tags of tasks.lib.tracking, the manifest as a dataset input, and the model:
+the Keras flavor plus the pyfunc classifier (tasks.lib.serving) registered with alias `challenger`.
 
 With `--checkpoint-dir`, a killed trainer started again with the same directory resumes from its last completed
 epoch in the same MLflow run, and a trainer started after a finished run returns that run (an Airflow retry after a
@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from tasks import cli, inputs, tracking
-from tasks.config import StepParams, load_section
-from tasks.errors import ConfigError
-from tasks.model import ModelParams, build_model, compile_for_training, describe
-from tasks.storage import write_json
+from tasks.lib import cli, inputs, tracking
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import ConfigError
+from tasks.lib.files import write_json
+from tasks.lib.model import ModelParams, build_model, compile_for_training, describe
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def train(
 
 
 def _fingerprint(manifest: Path, tiles: Path, params: TrainParams, model: ModelParams, register: bool) -> str:
-    from tasks.storage import file_digest
+    from tasks.lib.files import file_digest
     from tasks.tile import INDEX_FILE
 
     record = {
@@ -454,7 +454,7 @@ def _log_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from tasks import serving
+    from tasks.lib import serving
 
     mlflow.log_dict(
         {"channels": inputs.RGB_CHANNELS, "dtype": "uint16", "mean": mean, "variance": variance},

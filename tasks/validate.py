@@ -24,11 +24,11 @@ import tifffile
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from tasks import bigearthnet as ben
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import ValidationFailedError
-from tasks.storage import atomic_dir, folders_fingerprint, write_json
+from tasks.lib import bigearthnet as ben
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import ValidationFailedError
+from tasks.lib.files import atomic_dir, folders_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 

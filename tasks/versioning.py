@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import Field, field_validator
 
-from tasks import cli
-from tasks.config import StepParams, load_section
-from tasks.errors import CloudscreenError
+from tasks.lib import cli
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import UnknownVersionError, VersioningError
+from tasks.lib.files import atomic_dir, write_json
 from tasks.sample import MANIFEST_FILE as SAMPLE_MANIFEST_FILE
-from tasks.storage import atomic_dir, write_json
 from tasks.tile import MANIFEST_FILE as TILE_MANIFEST_FILE
 
 if TYPE_CHECKING:
@@ -83,14 +83,6 @@ class VersioningParams(StepParams):
         if not _REMOTE_RE.fullmatch(value):
             raise ValueError(f"{value!r}: expected gs://BUCKET or gs://BUCKET/PATH")
         return value.rstrip("/")
-
-
-class VersioningError(CloudscreenError):
-    """A snapshot cannot be versioned or restored: missing inputs, an unreachable remote, an unknown version."""
-
-
-class UnknownVersionError(VersioningError):
-    """The remote holds no directory with this hash."""
 
 
 @dataclass(frozen=True)

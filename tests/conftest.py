@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_section
+from tasks.lib.config import load_section
 from tasks.mirror import Fault, MirrorParams, MirrorResult, build_mirror
 
 REPO = Path(__file__).resolve().parent.parent

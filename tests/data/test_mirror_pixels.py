@@ -9,7 +9,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from tasks import bigearthnet as ben
+from tasks.lib import bigearthnet as ben
 from tasks.mirror import _plan, _synthesize_bands
 from tests.conftest import mirror_params
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks import bigearthnet as ben
-from tasks.config import load_section
+from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
 from tasks.sample import SPLITS, SampleParams, build_sets
 
 pytestmark = pytest.mark.slow

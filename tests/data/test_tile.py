@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from tasks import bigearthnet as ben
-from tasks.config import load_section
+from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
 from tasks.tile import (
     INDEX_FILE,
     MANIFEST_FILE,

@@ -9,10 +9,10 @@ import tarfile
 
 import pytest
 
-from tasks import bigearthnet as ben
 from tasks import validate as validate_module
-from tasks.config import load_section
-from tasks.errors import ValidationFailedError
+from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
+from tasks.lib.errors import ValidationFailedError
 from tasks.mirror import Fault
 from tasks.validate import DATA_DOCS_INDEX, ValidateParams, validate
 from tests.conftest import REPO

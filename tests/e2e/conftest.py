@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from demo.stack import AirflowStack, airflow_standalone
-from tasks.config import REPO_PARAMS, apply_overrides, load_section, read_params_file
+from tasks.lib.config import REPO_PARAMS, apply_overrides, load_section, read_params_file
 from tasks.mirror import MirrorParams, MirrorResult, build_mirror
 
 BUCKET = "cloudscreen"
@@ -133,7 +133,7 @@ def build_mirrors(out: Path, snapshots: Iterable[str]) -> dict[str, MirrorResult
 
 def upload(mirrors: dict[str, MirrorResult], emulator: str) -> None:
     """Each mirror's archive and .sha256 to the bucket, under the name its interval downloads."""
-    from tasks.storage import gcs_client
+    from tasks.lib.gcs import gcs_client
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STORAGE_EMULATOR_HOST", emulator)
@@ -179,8 +179,8 @@ def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EStack]:
 
 @contextlib.contextmanager
 def _start_stack(base: Path) -> Iterator[E2EStack]:
-    from tasks.pipeline import PipelineParams
-    from tasks.storage import local_gcs_emulator
+    from ops.gcs_emulator import local_gcs_emulator
+    from tasks.lib.pipeline import PipelineParams
 
     data_root = base / "data"
     params = write_params(base / "params.yaml", data_root=data_root)

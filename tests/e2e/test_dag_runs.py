@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
-from tasks.config import load_section
+from ops.gcs_emulator import local_gcs_emulator
+from tasks.lib import tracking
+from tasks.lib.config import load_section
 from tasks.mirror import MirrorParams, build_mirror
-from tasks.storage import local_gcs_emulator
 from tests.e2e.conftest import write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -137,7 +137,7 @@ def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
 
     STORAGE_EMULATOR_HOST points google-cloud-storage (and subprocesses) at it for the test's duration.
     """
-    from tasks.storage import local_gcs_emulator
+    from ops.gcs_emulator import local_gcs_emulator
 
     with local_gcs_emulator(GCS_BUCKET) as host:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
@@ -151,7 +151,7 @@ def mlflow_server(gcs_emulator: tuple[str, str], tmp_path: Path) -> Iterator[str
 
     Function scope, like `gcs_emulator`: each test gets an empty store and bucket. Starting takes 10-20 s here.
     """
-    from tasks.tracking_server import mlflow_server as start
+    from ops.tracking_server import mlflow_server as start
 
     emulator, bucket = gcs_emulator
     with start(

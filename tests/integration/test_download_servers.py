@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tasks.bigearthnet import EXAMPLE_TOP_FOLDER, example_archive
-from tasks.config import load_section
 from tasks.download import (
     EXTRACTED_DIR,
     MANIFEST_NAME,
@@ -25,7 +23,9 @@ from tasks.download import (
     download,
     resolve_request,
 )
-from tasks.errors import ChecksumMismatchError, DownloadError
+from tasks.lib.bigearthnet import EXAMPLE_TOP_FOLDER, example_archive
+from tasks.lib.config import load_section
+from tasks.lib.errors import ChecksumMismatchError, DownloadError
 
 pytestmark = pytest.mark.integration
 
@@ -208,7 +208,7 @@ def test_checksum_url_over_http(tmp_path: Path, http_server) -> None:
 
 
 def _upload(blob_name: str, data: bytes) -> int:
-    from tasks.storage import gcs_client
+    from tasks.lib.gcs import gcs_client
 
     blob = gcs_client().bucket("cloudscreen").blob(blob_name)
     blob.upload_from_string(data)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import load_section
+from tasks.lib.config import load_section
 from tasks.versioning import VersioningParams, restore
 from tests.conftest import REPO
 

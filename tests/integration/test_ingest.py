@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import bigearthnet as ben
-from tasks.config import load_section
 from tasks.download import DownloadParams, download, resolve_request
-from tasks.storage import file_digest, gcs_client
+from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
+from tasks.lib.files import file_digest
+from tasks.lib.gcs import gcs_client
 from tasks.validate import DATA_DOCS_INDEX, ValidateParams, validate
 from tests.conftest import REPO
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.tracking_server import SERVER_SCRIPT, TrackingServerError, mlflow_server
+from ops.tracking_server import SERVER_SCRIPT, TrackingServerError, mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_runs_models_and_aliases_round_trip_and_artifacts_land_in_the_bucket(
     import pandas as pd
     from mlflow import MlflowClient
 
-    from tasks.storage import gcs_client
+    from tasks.lib.gcs import gcs_client
 
     emulator, bucket = gcs_emulator  # the instance the server writes to (both fixtures are function-scoped)
     # The client side has no object-store settings at all: every artifact byte must go through the server.

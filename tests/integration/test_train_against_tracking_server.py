@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import tracking
+from tasks.lib import tracking
 from tasks.tile import load_patches
 from tests.conftest import REPO
 
@@ -77,7 +77,7 @@ def test_a_tiny_training_run_reads_back_completely_through_the_server(
     finally:
         mlflow.set_tracking_uri(None)
 
-    from tasks.storage import gcs_client
+    from tasks.lib.gcs import gcs_client
 
     names = [blob.name for blob in gcs_client().list_blobs(bucket, prefix="mlflow/")]
     assert any(n.endswith(f"{run_id}/artifacts/preprocessing.json") for n in names)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_section
-from tasks.errors import ConfigError
+from tasks.lib.config import load_section
+from tasks.lib.errors import ConfigError
 from tasks.sample import SampleParams, sample
 from tasks.tile import TileParams, state_path, tile
 from tasks.versioning import (

@@ -1,6 +1,6 @@
 """A stand-in classifier for evaluation and gate tests, logged as an MLflow "model from code" (this file is the model).
 
-Clouds are bright, so the score is a logistic of the log of a patch's mean reflectance. It keeps the tasks.tracking
+Clouds are bright, so the score is a logistic of the log of a patch's mean reflectance. It keeps the tasks.lib.tracking
 contract (raw uint16 (n, 120, 120, 3) in, (n,) cloud probabilities out) without training anything. `model_config`
 tunes it: `centre` (log brightness scored 0.5), `slope` (a negative slope makes a deliberately bad model) and
 `output` ("array", "column" for an (n, 1) array, "frame" for a one-column DataFrame, "percent" for scores × 100,

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import tracking
 from tasks.baseline import BaselineParams, baseline
-from tasks.config import load_section
+from tasks.lib import tracking
+from tasks.lib.config import load_section
 from tasks.tile import load_patches
 from tasks.train import CostParams, TrainParams
 

@@ -16,9 +16,9 @@ import pytest
 from sklearn import metrics as skm
 
 from tasks import evaluate as ev
-from tasks.config import load_section
-from tasks.errors import EvaluationError
-from tasks.tracking import CHAMPION, EVALUATION_DIR, MODEL_ARTIFACT, run_model_uri
+from tasks.lib.config import load_section
+from tasks.lib.errors import EvaluationError
+from tasks.lib.tracking import CHAMPION, EVALUATION_DIR, MODEL_ARTIFACT, run_model_uri
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -183,7 +183,7 @@ def test_artifacts_are_all_there_and_readable(downloaded, evaluation, training_d
 def test_tags_record_the_model_and_data(evaluation, training_data):
     from mlflow import MlflowClient
 
-    from tasks.storage import file_digest
+    from tasks.lib.files import file_digest
 
     tags = MlflowClient().get_run(evaluation.run_id).data.tags
     manifest = training_data.manifest("small")

@@ -22,8 +22,6 @@ import pandas as pd
 import pytest
 from mlflow.pyfunc import PythonModel
 
-from tasks.config import load_section
-from tasks.errors import GateError
 from tasks.evaluate import EvaluateParams, evaluate
 from tasks.gate import (
     BOOTSTRAP,
@@ -38,10 +36,9 @@ from tasks.gate import (
     gate,
     rollback,
 )
-from tasks.mirror import build_mirror
-from tasks.sample import NATURAL_FILE, SampleParams, sample
-from tasks.tile import TileParams, load_patches, tile
-from tasks.tracking import (
+from tasks.lib.config import load_section
+from tasks.lib.errors import GateError
+from tasks.lib.tracking import (
     CHALLENGER,
     CHAMPION,
     GATE_FILE,
@@ -51,6 +48,9 @@ from tasks.tracking import (
     TAG_GATE_REASONS,
     run_model_uri,
 )
+from tasks.mirror import build_mirror
+from tasks.sample import NATURAL_FILE, SampleParams, sample
+from tasks.tile import TileParams, load_patches, tile
 from tasks.train import TrainParams
 from tests.conftest import REPO, extract, mirror_params
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks import tracking
-from tasks.config import load_section
-from tasks.errors import ConfigError
-from tasks.inputs import InputError
-from tasks.model import ModelParams
+from tasks.lib import tracking
+from tasks.lib.config import load_section
+from tasks.lib.errors import ConfigError
+from tasks.lib.inputs import InputError
+from tasks.lib.model import ModelParams
 from tasks.search import PLOT_FILE, SEARCH_DIR, TRIALS_FILE, SearchParams, search
 from tasks.train import CostParams, TrainParams
 from tests.conftest import REPO

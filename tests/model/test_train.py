@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import tracking
-from tasks.config import load_section
-from tasks.model import ModelParams
+from tasks.lib import tracking
+from tasks.lib.config import load_section
+from tasks.lib.model import ModelParams
 from tasks.tile import load_patches
 from tasks.train import RUN_STATE_FILE, CostParams, TrainParams, train
 from tests.conftest import REPO

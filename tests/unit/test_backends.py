@@ -1,4 +1,4 @@
-"""tasks.backends: one trainer entrypoint started three ways, with the same data, overrides and lineage."""
+"""tasks.lib.backends: one trainer entrypoint started three ways, with the same data, overrides and lineage."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backends import (
+from tasks.lib.backends import (
     DOCKER_XCOM_FILE,
     POD_XCOM_FILE,
     BackendsParams,
@@ -18,8 +18,8 @@ from tasks.backends import (
     run_docker,
     run_local,
 )
-from tasks.config import load_section
-from tasks.errors import CloudscreenError
+from tasks.lib.config import load_section
+from tasks.lib.errors import CloudscreenError
 
 VERSION = "0123456789abcdef0123456789abcdef.dir"
 

@@ -2,21 +2,21 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import DEFAULT_PARAMS, apply_overrides, load_section, read_params_file
-from tasks.errors import ConfigError
+from tasks.lib.config import DEFAULT_PARAMS, apply_overrides, load_section, read_params_file
+from tasks.lib.errors import ConfigError
 from tasks.mirror import MirrorParams
 from tasks.sample import SampleParams
 from tasks.validate import ValidateParams
 
 
 def test_every_section_of_params_yaml_loads_into_its_model():
-    from tasks.backends import BackendsParams
     from tasks.baseline import BaselineParams
     from tasks.download import DownloadParams
     from tasks.evaluate import EvaluateParams
     from tasks.gate import GateParams
-    from tasks.model import ModelParams
-    from tasks.pipeline import PipelineParams
+    from tasks.lib.backends import BackendsParams
+    from tasks.lib.model import ModelParams
+    from tasks.lib.pipeline import PipelineParams
     from tasks.search import SearchParams
     from tasks.tile import TileParams
     from tasks.train import CostParams, TrainParams

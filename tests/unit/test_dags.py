@@ -11,9 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tasks.backends import BackendsParams
-from tasks.config import load_section
-from tasks.pipeline import PipelineParams
+from tasks.lib.backends import BackendsParams
+from tasks.lib.config import load_section
+from tasks.lib.pipeline import PipelineParams
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERNETES_VERSION = "1.31"

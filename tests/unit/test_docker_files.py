@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tasks.config import load_section
+from tasks.lib.config import load_section
 from tests.conftest import REPO
 
 DOCKER = REPO / "docker"
@@ -392,7 +392,7 @@ def test_the_mlflow_and_emulator_images_pin_the_lock_versions():
 
 
 def test_the_dockerignore_keeps_local_state_out_of_every_build():
-    from tasks.image import check_build_inputs, context_files
+    from ops.image import check_build_inputs, context_files
 
     for path in DOCKERFILES:
         relative = check_build_inputs(REPO, path)  # every COPY source is in the context

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tasks.bigearthnet import EXAMPLE_TOP_FOLDER, example_archive
-from tasks.config import DEFAULT_PARAMS, load_section
 from tasks.download import (
     EXTRACTED_DIR,
     MANIFEST_NAME,
@@ -25,7 +23,9 @@ from tasks.download import (
     download,
     resolve_request,
 )
-from tasks.errors import ChecksumMismatchError, ConfigError, DownloadError, UnsafeArchiveError
+from tasks.lib.bigearthnet import EXAMPLE_TOP_FOLDER, example_archive
+from tasks.lib.config import DEFAULT_PARAMS, load_section
+from tasks.lib.errors import ChecksumMismatchError, ConfigError, DownloadError, UnsafeArchiveError
 
 PARAMS = load_section("download", DownloadParams).model_copy(update={"retries": 0, "backoff_seconds": 0.0})
 EXAMPLE_PATCHES = 6

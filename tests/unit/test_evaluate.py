@@ -13,8 +13,6 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from tasks.config import load_section
-from tasks.errors import EvaluationError
 from tasks.evaluate import (
     COUNT_METRICS,
     SCORE_METRICS,
@@ -37,6 +35,8 @@ from tasks.evaluate import (
     worst_errors,
     worst_errors_figure,
 )
+from tasks.lib.config import load_section
+from tasks.lib.errors import EvaluationError
 from tasks.tile import INDEX_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -455,7 +455,7 @@ def test_missing_columns_labels_and_untiled_patches_are_named(data):
 
 
 def test_params_take_a_threshold_confidence_or_none():
-    from tasks.errors import ConfigError
+    from tasks.lib.errors import ConfigError
 
     assert (
         load_section("evaluate", EvaluateParams, overrides=["evaluate.threshold_confidence=null"]).threshold_confidence
@@ -470,7 +470,7 @@ def test_params_take_a_threshold_confidence_or_none():
 
 
 def test_params_reject_bad_percentiles():
-    from tasks.errors import ConfigError
+    from tasks.lib.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stretch_percentiles"):
         load_section("evaluate", EvaluateParams, overrides=["evaluate.stretch_percentiles=[90, 10]"])

@@ -9,8 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import load_section
-from tasks.errors import ConfigError, GateError
 from tasks.evaluate import slice_metrics
 from tasks.gate import (
     BOOTSTRAP,
@@ -30,6 +28,8 @@ from tasks.gate import (
     slice_table,
     who,
 )
+from tasks.lib.config import load_section
+from tasks.lib.errors import ConfigError, GateError
 
 NO_SLICES = slice_metrics(pd.DataFrame({"label": [], "score": [], "country": []}), 0.5, ["country"])
 

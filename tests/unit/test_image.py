@@ -1,4 +1,4 @@
-"""tasks.image without a Docker engine: tags from git, the no-engine error, path checks, records, and build and push
+"""ops.image without a Docker engine: tags from git, the no-engine error, path checks, records, and build and push
 driven through a stand-in for the engine's API (the Docker SDK's low-level calls and their decoded stream)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import image
-from tasks.image import DockerUnavailableError, ImageError
+from ops import image
+from tasks.lib.errors import DockerUnavailableError, ImageError
 from tests.conftest import REPO
 
 REGISTRY_REPO = "europe-west4-docker.pkg.dev/proj/cloudscreen/trainer"
@@ -57,7 +57,7 @@ def _run_cli(*args: str, docker_host: str | None) -> subprocess.CompletedProcess
     if docker_host is not None:
         env["DOCKER_HOST"] = docker_host
     return subprocess.run(
-        [sys.executable, "-m", "tasks.image", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "ops.image", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -150,7 +150,7 @@ def test_push_without_an_engine_is_a_one_line_error_and_exit_2(tmp_path):
 def test_push_without_a_record_says_to_build_first(tmp_path):
     run = _run_cli("push", "--record", str(tmp_path / "none.json"), docker_host=None)
     assert run.returncode == 2
-    assert "no image record; run `python -m tasks.image build` first" in run.stderr
+    assert "no image record; run `python -m ops.image build` first" in run.stderr
     assert "Traceback" not in run.stderr
 
 
@@ -174,7 +174,7 @@ def test_docker_client_names_an_explicit_base_url():
 def test_the_real_trainer_build_sends_the_code_and_lock_and_nothing_local():
     assert image.check_build_inputs(REPO, image.DOCKERFILE) == "docker/trainer.Dockerfile"
     sent = image.context_files(REPO, "docker/trainer.Dockerfile")
-    assert {"uv.lock", "pyproject.toml", "params.yaml", "tasks/train.py", "tasks/image.py"} <= sent
+    assert {"uv.lock", "pyproject.toml", "params.yaml", "tasks/train.py", "tasks/lib/model.py"} <= sent
     for local in (".venv", ".local", ".git", "tests", ".pytest_cache", "bench"):
         assert not any(p == local or p.startswith(local + "/") for p in sent), local
 
@@ -233,7 +233,7 @@ def test_build_checks_names_and_paths_before_contacting_an_engine(checkout, tmp_
 
 
 class _Api:
-    """The low-level calls tasks.image makes, answering with canned decoded streams."""
+    """The low-level calls ops.image makes, answering with canned decoded streams."""
 
     def __init__(self, build_chunks=(), push_chunks=(), image_id="sha256:" + "1" * 64):
         self.build_chunks = list(build_chunks)
@@ -285,7 +285,7 @@ def _record_data(**changes) -> dict:
 
 
 def test_build_streams_the_log_tags_with_the_commit_and_writes_the_record(checkout, tmp_path, caplog):
-    caplog.set_level("INFO", logger="tasks.image")
+    caplog.set_level("INFO", logger="ops.image")
     api = _Api(
         build_chunks=[
             {"stream": "Step 1/2 : FROM python:3.11.14-slim-bookworm\n"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.inputs import random_symmetries
+from tasks.lib.inputs import random_symmetries
 
 
 def _symmetries_of(patch: np.ndarray) -> list[np.ndarray]:

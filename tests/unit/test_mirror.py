@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from tasks import bigearthnet as ben
-from tasks.errors import ConfigError
+from tasks.lib import bigearthnet as ben
+from tasks.lib.errors import ConfigError
+from tasks.lib.files import file_digest
 from tasks.mirror import Fault, archive_name, build_mirror, parse_faults
-from tasks.storage import file_digest
 from tests.conftest import REPO, mirror_params
 
 

@@ -1,4 +1,4 @@
-"""tasks.pipeline: snapshot keys, where a run's files go, which snapshot a training run is pinned to."""
+"""tasks.lib.pipeline: snapshot keys, where a run's files go, which snapshot a training run is pinned to."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import apply_overrides, read_params_file
-from tasks.errors import ConfigError
-from tasks.pipeline import (
+from tasks.lib.config import apply_overrides, read_params_file
+from tasks.lib.errors import ConfigError
+from tasks.lib.pipeline import (
     PipelineError,
     PipelineParams,
     Run,
@@ -197,7 +197,7 @@ def test_download_substitutes_the_snapshot_into_the_source_url(small_mirror, run
 
 
 def test_a_snapshot_named_in_the_form_replaces_the_runs_key(tmp_path, monkeypatch):
-    from tasks.pipeline import run_for
+    from tasks.lib.pipeline import run_for
 
     monkeypatch.setenv("CLOUDSCREEN_PARAMS", str(write_params(tmp_path / "params.yaml")))
     logical = dt.datetime(2026, 11, 16, tzinfo=UTC)
@@ -209,7 +209,7 @@ def test_a_snapshot_named_in_the_form_replaces_the_runs_key(tmp_path, monkeypatc
 
 
 def test_a_forced_promotion_needs_a_reason_before_anything_trains():
-    from tasks.pipeline import check_training_form
+    from tasks.lib.pipeline import check_training_form
 
     check_training_form(force_promote=True, reason="the champion was trained on corrupt data")
     check_training_form(force_promote=False, reason=None)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from tasks import sample as sample_module
-from tasks.config import load_section
-from tasks.errors import ConfigError
+from tasks.lib.config import load_section
+from tasks.lib.errors import ConfigError
 from tasks.sample import (
     COLUMNS,
     SPLITS,

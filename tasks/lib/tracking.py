@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from tasks.errors import CloudscreenError
+from tasks.lib.errors import CloudscreenError
 
 MODEL_ARTIFACT = "model"  # the pyfunc model that takes raw uint16 patches
 KERAS_ARTIFACT = "keras_model"  # the same network in the Keras flavor, for Keras users
@@ -96,7 +96,7 @@ class Lineage:
 
 def _git_commit() -> str:
     """HEAD of the checkout this code runs from, with `-dirty` when tracked files changed; "" outside git."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:

@@ -1,8 +1,8 @@
 """The pyfunc model every trained network is served as: raw uint16 R, G, B patches in, probability of cloud out.
 
 Logged by tasks.train with this module in `code_paths`, so the model loads wherever MLflow runs. It keeps the
-contract in tasks.tracking's docstring; the network itself normalises (tasks.model), so the wrapper only checks the
-input and batches it.
+contract in tasks.lib.tracking's docstring; the network itself normalises (tasks.lib.model), so the wrapper only
+checks the input and batches it.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tasks.config import PARAMS_ENV
-from tasks.errors import CloudscreenError
+from tasks.lib.config import PARAMS_ENV
+from tasks.lib.errors import CloudscreenError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ container and here. This module runs that script in a process group of its own, 
 serves its store, and takes the whole group down again: `mlflow server` forks uvicorn (a supervisor and its workers)
 and, when enabled, MLflow's job runner with about seven huey consumers; none of them may outlive the context.
 
-    python -m tasks.tracking_server [--with-emulator DIR]
+    python -m ops.tracking_server [--with-emulator DIR]
 
 runs the server in the foreground until Ctrl-C, configured by the same environment variables; with --with-emulator
 it first starts gcp-storage-emulator with the artifact bucket persisted under DIR and points the server at it.
@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from tasks.errors import CloudscreenError
+from tasks.lib.errors import TrackingServerError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ STOP_TIMEOUT = 15.0  # SIGTERM grace for the whole group before SIGKILL
 TAIL_CHARS = 2500
 # The emulator bucket when MLFLOW_ARTIFACTS_DESTINATION is unset: that of server.sh's default destination.
 DEFAULT_BUCKET = "cloudscreen"
-
-
-class TrackingServerError(CloudscreenError):
-    """The MLflow server was misconfigured, could not bind its port, exited, or did not become ready in time."""
 
 
 @contextlib.contextmanager
@@ -240,7 +236,7 @@ def _emulator_bucket() -> str:
 
 
 def _cli() -> None:
-    from tasks.cli import configure_logging
+    from tasks.lib.cli import configure_logging
 
     p = argparse.ArgumentParser(
         description="Run the MLflow tracking server (mlflow/server.sh) in the foreground until Ctrl-C. Configured "
@@ -264,7 +260,7 @@ def _cli() -> None:
     with contextlib.ExitStack() as stack:
         extra = {}
         if args.with_emulator:
-            from tasks.storage import local_gcs_emulator
+            from ops.gcs_emulator import local_gcs_emulator
 
             bucket = _emulator_bucket()
             args.with_emulator.mkdir(parents=True, exist_ok=True)
@@ -287,6 +283,6 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    from tasks import cli
+    from tasks.lib import cli
 
     cli.run(_cli)

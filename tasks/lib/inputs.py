@@ -2,7 +2,7 @@
 
 Pixels stay in the shards until a batch needs them: each batch gathers its rows from the memory maps in one call,
 so a set far larger than memory trains the same way as the embedded default. The pipeline yields raw reflectance as
-float32; normalisation lives inside the model (tasks.model), so what is served is what was trained.
+float32; normalisation lives inside the model (tasks.lib.model), so what is served is what was trained.
 
 Augmentation (train split only) draws one of the 8 symmetries of the square per patch: an optional transpose followed
 by optional vertical and horizontal flips covers every flip and every 90° rotation, uniformly. It runs inside the
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.errors import CloudscreenError
+from tasks.lib.errors import InputError
 from tasks.tile import MANIFEST_FILE as TILES_MANIFEST
 from tasks.tile import PATCH_PX
 
@@ -35,10 +35,6 @@ PATCH_SHAPE = (PATCH_PX, PATCH_PX, len(RGB_CHANNELS))
 MANIFEST_COLUMNS = ("patch_id", "label", "split", "shard", "offset")
 _STATS_CHUNK = 512  # patches per step when computing channel statistics (bounded memory on any set size)
 _PREFETCH_BATCHES = 2  # a batch is gathered in a few ms per core, a training step takes far longer
-
-
-class InputError(CloudscreenError):
-    """A manifest or the tiles it points at cannot feed training."""
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

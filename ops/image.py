@@ -1,13 +1,13 @@
 """The trainer image: built with the Docker SDK, tagged with the git commit, pushed, recorded with its digest.
 
-    python -m tasks.image build [--repository REPO] [--tag TAG] [--record PATH]   prints REPO:TAG
-    python -m tasks.image push [--record PATH]                                    prints REPO@sha256:...
+    python -m ops.image build [--repository REPO] [--tag TAG] [--record PATH]   prints REPO:TAG
+    python -m ops.image push [--record PATH]                                    prints REPO@sha256:...
 
 `build` builds docker/trainer.Dockerfile with the repository root as context (what .dockerignore lets through), tags
 it with the short git commit (`-dirty` when the checkout has changes no commit holds) and writes the record: image,
 repository, tag, commit, image id, built_at. `push` pushes that tag and adds the registry's digest to the record:
 `REPO@sha256:...` names the exact bytes a pod runs, whatever later happens to the tag. The training backends pass it
-to the trainer as CLOUDSCREEN_IMAGE, which every MLflow run records as `cloudscreen.image` (tasks.tracking.Lineage).
+to the trainer as CLOUDSCREEN_IMAGE, which every MLflow run records as `cloudscreen.image` (tasks.lib.tracking.Lineage).
 
 The engine is DOCKER_HOST, else the default socket (Docker's own rules, TLS variables included). `docker_client()`
 is what the docker training backend connects with too. Without an engine both commands fail with a one-line message
@@ -22,7 +22,6 @@ import datetime
 import fnmatch
 import json
 import logging
-import os
 import re
 import shlex
 import subprocess
@@ -31,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.errors import CloudscreenError
-from tasks.storage import write_json
+from tasks.lib.docker_engine import connection_failure, docker_client
+from tasks.lib.errors import ImageError
+from tasks.lib.files import write_json
 
 if TYPE_CHECKING:
     import docker
@@ -44,7 +44,6 @@ DOCKERFILE = REPO / "docker" / "trainer.Dockerfile"
 DEFAULT_RECORD = REPO / ".local" / "image.json"
 # A local name: enough for the docker backend on the machine that built it; a push needs a registry repository.
 DEFAULT_REPOSITORY = "cloudscreen-trainer"
-DEFAULT_SOCKET = "unix:///var/run/docker.sock"  # where the Docker SDK looks when DOCKER_HOST is unset
 # Seconds the engine may stay silent during a build or push (a long pip install prints nothing for minutes).
 STREAM_TIMEOUT = 3600
 SHORT_COMMIT = 12
@@ -56,15 +55,6 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _HOST = r"(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+(?=:))(?::[0-9]+)?"
 _REPOSITORY_RE = re.compile(rf"(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
-
-class ImageError(CloudscreenError):
-    """The trainer image cannot be built, pushed or recorded: bad paths or names, a failed build or push, a missing
-    or stale record."""
-
-
-class DockerUnavailableError(ImageError):
-    """No Docker engine answers where the client looked."""
 
 
 @dataclass(frozen=True)
@@ -84,52 +74,6 @@ class ImageRecord:
 
 
 # --- the engine -------------------------------------------------------------------------------------------------
-
-
-def docker_client(base_url: str | None = None) -> docker.DockerClient:
-    """A client connected to the Docker engine at `base_url`, else DOCKER_HOST, else the default socket.
-
-    Raises:
-        DockerUnavailableError: nothing answers there; the message names where the client looked and why it failed.
-    """
-    import docker
-    from docker.errors import DockerException
-    from requests.exceptions import RequestException
-
-    if base_url:
-        where = base_url
-    elif os.environ.get("DOCKER_HOST"):
-        where = f"{os.environ['DOCKER_HOST']} (DOCKER_HOST)"
-    else:
-        where = f"{DEFAULT_SOCKET} (the default socket; DOCKER_HOST is not set)"
-    try:
-        # Both ask the engine for its API version first, so an absent engine fails here, not at the first call.
-        client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
-        client.ping()
-    except (DockerException, RequestException) as exc:
-        raise DockerUnavailableError(
-            f"no Docker engine at {where}: {_reason(exc)}; start Docker or point DOCKER_HOST at an engine"
-        ) from exc
-    return client
-
-
-def _reason(exc: BaseException) -> str:
-    """The root cause of a connection failure in a few words ("connection refused"), not urllib3's nested reprs."""
-    seen: set[int] = set()
-    pending: list[Any] = [exc]
-    while pending:
-        item = pending.pop(0)
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, OSError) and item.strerror:
-            return item.strerror.lower()
-        pending.extend([*item.args, item.__cause__, item.__context__, getattr(item, "reason", None)])
-    text = str(exc)
-    found = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", text)
-    if found:
-        return found.group(1).strip().lower()
-    return text.removeprefix("Error while fetching server API version: ").splitlines()[0][:200]
 
 
 # --- names and paths ---------------------------------------------------------------------------------------------
@@ -394,7 +338,7 @@ def read_record(path: Path) -> ImageRecord:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise ImageError(f"{path}: no image record; run `python -m tasks.image build` first") from exc
+        raise ImageError(f"{path}: no image record; run `python -m ops.image build` first") from exc
     except json.JSONDecodeError as exc:
         raise ImageError(f"{path}: not a valid image record: {exc}") from exc
     fields = {f.name for f in dataclasses.fields(ImageRecord)}
@@ -435,7 +379,7 @@ def _chunks(what: str, stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, A
 
 def _engine_message(exc: BaseException) -> str:
     explanation = getattr(exc, "explanation", None)
-    return str(explanation or _reason(exc)).strip()
+    return str(explanation or connection_failure(exc)).strip()
 
 
 def _now() -> str:
@@ -446,7 +390,7 @@ def _now() -> str:
 
 
 def _cli() -> None:
-    from tasks import cli
+    from tasks.lib import cli
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = p.add_subparsers(dest="command", required=True, metavar="{build,push}")
@@ -490,6 +434,6 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    from tasks import cli
+    from tasks.lib import cli
 
     cli.run(_cli)

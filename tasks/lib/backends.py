@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.config import StepParams, default_params
-from tasks.errors import CloudscreenError
+from tasks.lib.config import StepParams, default_params
+from tasks.lib.errors import TrainingBackendError
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,6 @@ class BackendsParams(StepParams):
     docker: DockerParams
 
 
-class TrainingBackendError(CloudscreenError):
-    """The trainer could not be started, or it failed (the message carries the end of its log)."""
-
-
 @dataclass(frozen=True)
 class TrainingRequest:
     """What to train on and how: the same for every backend."""
@@ -118,7 +114,7 @@ class TrainingRequest:
         return cls(**values)
 
     def lineage_env(self) -> dict[str, str]:
-        """The lineage tags' sources (tasks.tracking.Lineage): identical for a subprocess, a container and a pod."""
+        """The lineage tags' sources (tasks.lib.tracking.Lineage): identical for a subprocess, a container and a pod."""
         env = {"CLOUDSCREEN_SNAPSHOT": self.snapshot, "CLOUDSCREEN_DATA_VERSION": self.data_version}
         if self.dag_id:
             env["CLOUDSCREEN_DAG_ID"] = self.dag_id
@@ -207,7 +203,7 @@ def docker_spec(request: TrainingRequest, params: DockerParams) -> dict[str, Any
 
 def run_docker(request: TrainingRequest, params: DockerParams) -> dict[str, Any]:
     """Run the trainer image through the Docker engine, follow its log, return its result; the container is removed."""
-    from tasks.image import docker_client
+    from tasks.lib.docker_engine import docker_client
 
     client = docker_client(params.base_url)
     spec = docker_spec(request, params)

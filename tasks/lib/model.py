@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tasks.config import StepParams
-from tasks.errors import ConfigError
+from tasks.lib.config import StepParams
+from tasks.lib.errors import ConfigError
 from tasks.tile import PATCH_PX
 
 INPUT_SHAPE = (PATCH_PX, PATCH_PX, 3)

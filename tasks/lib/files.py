@@ -1,4 +1,4 @@
-"""Where bytes live: atomic local writes, checksums, and the object-store client (GCS or its emulator)."""
+"""Local files written so that readers never see half of one: atomic files and directories, JSON, digests."""
 
 from __future__ import annotations
 
@@ -111,60 +111,3 @@ def folders_fingerprint(folders: list[Path], *extra: bytes) -> str:
             st = entry.stat()
             h.update(f"{folder.name}/{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def gcs_client():
-    """A google-cloud-storage client; honours STORAGE_EMULATOR_HOST (anonymous) and otherwise uses ADC.
-
-    Credentials come from the environment at call time (Workload Identity, ADC), never from files in the image.
-    """
-    from google.cloud import storage
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(
-            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "cloudscreen-local"),
-            credentials=AnonymousCredentials(),
-        )
-    return storage.Client()
-
-
-@contextlib.contextmanager
-def local_gcs_emulator(bucket: str, data_dir: Path | None = None, start_timeout: float = 10.0) -> Iterator[str]:
-    """Run gcp-storage-emulator on a free loopback port (in memory, or persisted under `data_dir`) with `bucket`
-    created; yield its URL for STORAGE_EMULATOR_HOST. For the embedded default and tests, never production."""
-    import socket
-    import threading
-
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = create_server(
-        "127.0.0.1",
-        port,
-        in_memory=data_dir is None,
-        default_bucket=bucket,
-        data_dir=str(data_dir.resolve()) if data_dir else None,  # the emulator insists on an absolute path
-    )
-    # Server.start() waits forever when the port was taken in the meantime (the bind error dies with its thread),
-    # so start it from a helper thread and give up after a while instead of hanging.
-    starter = threading.Thread(target=server.start, name="gcs-emulator-start", daemon=True)
-    starter.start()
-    starter.join(timeout=start_timeout)
-    if starter.is_alive():
-        raise RuntimeError(f"gcp-storage-emulator did not start on 127.0.0.1:{port}")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-def split_gs_url(url: str) -> tuple[str, str]:
-    """`gs://bucket/path/to/blob` → (bucket, path/to/blob)."""
-    bucket, _, blob = url.removeprefix("gs://").partition("/")
-    if not bucket or not blob:
-        raise ValueError(f"{url!r}: expected gs://BUCKET/PATH")
-    return bucket, blob

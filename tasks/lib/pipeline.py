@@ -27,9 +27,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
-from tasks.config import StepParams, default_params, load_section
-from tasks.errors import CloudscreenError, ConfigError
-from tasks.storage import jsonable, write_json
+from tasks.lib.config import StepParams, default_params, load_section
+from tasks.lib.errors import ConfigError, PipelineError
+from tasks.lib.files import jsonable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ class PipelineParams(StepParams):
     gpu_pool_slots: int = Field(ge=1)
     timeout_minutes: dict[Literal["io", "tile", "train", "evaluate"], float]
     mlflow_ui_url: str | None = None
-
-
-class PipelineError(CloudscreenError):
-    """A snapshot or a training input the pipeline cannot find or use."""
 
 
 def snapshot_key(*, run_type: str, logical_date: dt.datetime | None, run_id: str) -> str:
@@ -354,7 +350,7 @@ def plan_training(
 ) -> dict[str, Any]:
     """What every backend trains: the pinned data, this run's overrides, the local checkpoint, the lineage; and the
     trainer image's arguments for the Kubernetes backend (its operator takes them from this task's result)."""
-    from tasks.backends import POD_XCOM_FILE, BackendsParams, TrainingRequest
+    from tasks.lib.backends import POD_XCOM_FILE, BackendsParams, TrainingRequest
 
     request = TrainingRequest(
         snapshot=data["snapshot"],
@@ -377,7 +373,7 @@ def plan_training(
 
 def train_step(run: Run, *, plan: Mapping[str, Any], backend: str) -> dict[str, Any]:
     """Run the trainer on the local or docker backend (kubernetes runs in its own operator); its result."""
-    from tasks.backends import BackendsParams, TrainingRequest, run_docker, run_local
+    from tasks.lib.backends import BackendsParams, TrainingRequest, run_docker, run_local
 
     request = TrainingRequest.from_json(dict(plan["request"]))
     if backend == "local":
@@ -389,8 +385,8 @@ def train_step(run: Run, *, plan: Mapping[str, Any], backend: str) -> dict[str, 
 
 def evaluate_step(run: Run, *, run_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate the trained model on the snapshot's val, test and natural sets; everything is logged to its run."""
-    from tasks import tracking
     from tasks.evaluate import EvaluateParams, evaluate
+    from tasks.lib import tracking
 
     result = evaluate(
         model_uri=tracking.run_model_uri(run_id),

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tasks.errors import ConfigError
+from tasks.lib.errors import ConfigError
 
-REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 # A deployment (or a test) points every step, CLI and DAG at another params file with this variable.
 PARAMS_ENV = "CLOUDSCREEN_PARAMS"
 DEFAULT_PARAMS = REPO_PARAMS
