@@ -44,9 +44,9 @@ import pandas as pd
 from tasks.lib.cli import configure_logging
 from tasks.lib.config import load_section
 from tasks.lib.files import file_digest, write_json
+from tasks.lib.tiles import INDEX_FILE, load_patches
+from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 from tasks.sample import MANIFEST_FILE, NATURAL_FILE
-from tasks.tile import INDEX_FILE, load_patches
-from tasks.tile import MANIFEST_FILE as TILES_MANIFEST
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / ".local" / "data"
@@ -149,7 +149,8 @@ def _key(*parts: Any) -> str:
 def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str]) -> str:
     from tasks.lib import tracking
     from tasks.lib.model import ModelParams
-    from tasks.train import CostParams, TrainParams, train
+    from tasks.lib.training_runs import CostParams
+    from tasks.train import TrainParams, train
 
     params = load_section("train", TrainParams, overrides=overrides)
     model_params = load_section("model", ModelParams, overrides=overrides)
@@ -177,7 +178,8 @@ def _train_baseline(tiles: Path, manifest: Path, retrain: bool, overrides: list[
 
     from tasks.baseline import BaselineParams, baseline
     from tasks.lib import tracking
-    from tasks.train import CostParams, TrainParams
+    from tasks.lib.training_runs import CostParams
+    from tasks.train import TrainParams
 
     params = load_section("baseline", BaselineParams, overrides=overrides)
     train_params = load_section("train", TrainParams, overrides=overrides)

@@ -31,6 +31,7 @@ import tifffile
 from bench.measure import run_measured
 from tasks.lib import bigearthnet as ben
 from tasks.lib.config import load_section
+from tasks.lib.tiles import CHANNELS
 from tasks.mirror import MirrorParams, build_mirror
 from tasks.tile import TileParams, tile
 
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _decode_rgb(folder: Path) -> int:
-    return sum(int(tifffile.imread(folder / ben.band_file(folder.name, b)).size) for b in ben.RGB_BANDS)
+    return sum(int(tifffile.imread(folder / ben.band_file(folder.name, b)).size) for b in CHANNELS["rgb"])
 
 
 def _mirror_root(work: Path, patches: int) -> Path:

@@ -34,19 +34,22 @@ from typing import Any
 from tasks.lib import inputs
 from tasks.lib.config import load_section
 from tasks.lib.model import ModelParams, build_model, compile_for_training
-from tasks.train import TrainParams, read_splits
+from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
+from tasks.lib.training_runs import read_splits
+from tasks.sample import MANIFEST_FILE
+from tasks.train import TrainParams
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TILES = REPO / ".local" / "data" / "tiles" / "demo"
-DEMO_MANIFEST = REPO / ".local" / "data" / "samples" / "demo" / "small" / "manifest.parquet"
+DEMO_MANIFEST = REPO / ".local" / "data" / "samples" / "demo" / "small" / MANIFEST_FILE
 BUILT = REPO / ".local" / "bench" / "train_input"
 
 
 def _data() -> tuple[Path, Path]:
     """(tiles, manifest): the demo's when present, else built once into BUILT with the project's steps."""
-    if (DEMO_TILES / "tiles.json").is_file() and DEMO_MANIFEST.is_file():
+    if (DEMO_TILES / TILES_MANIFEST).is_file() and DEMO_MANIFEST.is_file():
         return DEMO_TILES, DEMO_MANIFEST
-    manifest = BUILT / "samples" / "small" / "manifest.parquet"
+    manifest = BUILT / "samples" / "small" / MANIFEST_FILE
     if not manifest.is_file():
         from tasks.mirror import MirrorParams, build_mirror
         from tasks.sample import SampleParams, sample
@@ -101,7 +104,7 @@ def main() -> None:
     tiles, manifest = _data()
     params = load_section("train", TrainParams)
     model_params = load_section("model", ModelParams)
-    source = inputs.PatchSource(tiles)
+    source = inputs.open_tiles(tiles)
     train = read_splits(manifest, params.max_train_patches)["train"]
     keras.utils.set_random_seed(params.seed)
     mean, variance = inputs.channel_moments(source, train)

@@ -6,12 +6,16 @@ Wiring only: each task calls one function of tasks.lib.pipeline, which calls the
 from __future__ import annotations
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
-from tasks.lib import pipeline
+from tasks.lib import pipeline, xcoms
+from tasks.lib.errors import fail_fast
 
 SETTINGS = pipeline.load_pipeline_params()
 TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)
 IO = pipeline.task_defaults(SETTINGS, io=True, timeout="io")
+# A permanent error (bad data, bad params, a rejected archive) fails the task at once; transient ones are retried.
+PERMANENT_FAILS = fail_fast(AirflowFailException)
 
 
 def _run() -> pipeline.Run:
@@ -73,7 +77,8 @@ The last task pushes the snapshot's tiles and samples to the DVC remote, writes 
 )
 def cloudscreen_refresh():
     @task(**IO)
-    def download() -> dict:
+    @PERMANENT_FAILS
+    def download() -> xcoms.Fetched:
         """Download the snapshot's archive (checksum verified, resumable) and extract it safely.
 
         Output: `<data root>/raw/<snapshot>/` (archive, extracted patches, download manifest).
@@ -82,7 +87,8 @@ def cloudscreen_refresh():
         return pipeline.download_step(_run(), source=params["source"], checksum_url=params["checksum_url"])
 
     @task(**IO)
-    def validate(fetched: dict) -> dict:
+    @PERMANENT_FAILS
+    def validate(fetched: xcoms.Fetched) -> xcoms.Validated:
         """Check every patch (bands, sizes, nodata, saturation, metadata) and the dataset with Great Expectations;
         bad patches are quarantined with their reasons. Fails past `validate.max_bad_fraction`.
 
@@ -91,7 +97,8 @@ def cloudscreen_refresh():
         return pipeline.validate_step(_run(), patches=fetched["patches"])
 
     @task(**pipeline.task_defaults(SETTINGS, io=False, timeout="tile"))
-    def tile(fetched: dict, validated: dict) -> dict:
+    @PERMANENT_FAILS
+    def tile(fetched: xcoms.Fetched, validated: xcoms.Validated) -> xcoms.Tiled:
         """Tile the valid patches into memory-mapped band shards with per-band statistics (Dask).
 
         Output: `<data root>/tiles/<snapshot>/` (metadata.parquet, shards, index, stats).
@@ -99,7 +106,8 @@ def cloudscreen_refresh():
         return pipeline.tile_step(_run(), patches=fetched["patches"], report=validated["report"])
 
     @task
-    def sample(tiled: dict) -> dict:
+    @PERMANENT_FAILS
+    def sample(tiled: xcoms.Tiled) -> xcoms.Sampled:
         """Draw the balanced small and large sets (train/val/test) and the natural-prevalence evaluation set.
 
         Output: `<data root>/samples/<snapshot>/<set>/manifest.parquet` and natural.parquet.
@@ -107,7 +115,8 @@ def cloudscreen_refresh():
         return pipeline.sample_step(_run(), tiles=tiled["tiles"])
 
     @task(outlets=[TRAINING_DATA], **IO)
-    def version(tiled: dict, sampled: dict) -> dict:
+    @PERMANENT_FAILS
+    def version(tiled: xcoms.Tiled, sampled: xcoms.Sampled) -> xcoms.SnapshotRecord:
         """Push tiles and samples to the DVC remote; record the snapshot's data version; update the Asset.
 
         Output: `<data root>/versions/<snapshot>/` (version.json, data.dvc), `<data root>/snapshots/<snapshot>.json`

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
-from tasks.lib import backends, pipeline
+from tasks.lib import backends, pipeline, xcoms
 from tasks.lib.config import load_section
+from tasks.lib.errors import fail_fast
 
 SETTINGS = pipeline.load_pipeline_params()
 KUBERNETES = load_section("backends", backends.BackendsParams).kubernetes
@@ -18,6 +20,9 @@ TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)
 TRAIN_TASKS = {backend: f"train_{backend}" for backend in pipeline.BACKENDS}
 TRAIN = {**pipeline.task_defaults(SETTINGS, io=False, timeout="train"), "pool": SETTINGS.gpu_pool}
 EVALUATE = pipeline.task_defaults(SETTINGS, io=True, timeout="evaluate")
+# A permanent error (bad params, a missing snapshot, a run never evaluated) fails the task at once; transient ones
+# (a trainer whose machine went away, a busy server) are retried.
+PERMANENT_FAILS = fail_fast(AirflowFailException)
 
 
 def _run() -> pipeline.Run:
@@ -89,7 +94,8 @@ a summary with the MLflow run link and the verdict.
 )
 def cloudscreen_training():
     @task
-    def training_data() -> dict:
+    @PERMANENT_FAILS
+    def training_data() -> xcoms.TrainingData:
         """Check the form, pick the snapshot to train on (the form's, the one that triggered this run, else the
         newest) and pin its data version; restore it from the DVC remote if its files are gone.
 
@@ -106,7 +112,8 @@ def cloudscreen_training():
         return pipeline.training_data(_run(), snapshot=params["snapshot"], events=events, dataset=params["dataset"])
 
     @task
-    def plan_training(data: dict) -> dict:
+    @PERMANENT_FAILS
+    def plan_training(data: xcoms.TrainingData) -> xcoms.TrainingPlan:
         """The trainer's inputs for every backend: data, overrides, checkpoint directory, lineage."""
         context = get_current_context()
         return pipeline.plan_training(
@@ -119,13 +126,15 @@ def cloudscreen_training():
         return TRAIN_TASKS[get_current_context()["params"]["backend"]]
 
     @task(task_id=TRAIN_TASKS["local"], **TRAIN)
-    def train_local(plan: dict) -> dict:
+    @PERMANENT_FAILS
+    def train_local(plan: xcoms.TrainingPlan) -> xcoms.Trained:
         """`python -m tasks.train` as a subprocess of the worker, its log streamed here; resumes from its checkpoint
         when retried. Output: the MLflow run id and registered model version (alias `challenger`)."""
         return pipeline.train_step(_run(), plan=plan, backend="local")
 
     @task(task_id=TRAIN_TASKS["docker"], **TRAIN)
-    def train_docker(plan: dict) -> dict:
+    @PERMANENT_FAILS
+    def train_docker(plan: xcoms.TrainingPlan) -> xcoms.Trained:
         """The trainer image on a Docker engine (`backends.docker`; DOCKER_HOST), GPUs requested; it restores the
         data version from the DVC remote first. Output: the MLflow run id and registered model version."""
         return pipeline.train_step(_run(), plan=plan, backend="docker")
@@ -150,19 +159,22 @@ def cloudscreen_training():
     choose_backend() >> trained_by
 
     @task(trigger_rule="none_failed_min_one_success")
-    def training_result() -> dict:
+    @PERMANENT_FAILS
+    def training_result() -> xcoms.Trained:
         """The result of whichever backend trained."""
         results = [r for r in get_current_context()["ti"].xcom_pull(task_ids=list(TRAIN_TASKS.values())) if r]
         return {**results[0], "backend": get_current_context()["params"]["backend"]}
 
     @task(**EVALUATE)
-    def evaluate(trained: dict, data: dict) -> dict:
+    @PERMANENT_FAILS
+    def evaluate(trained: xcoms.Trained, data: xcoms.TrainingData) -> xcoms.Evaluated:
         """Evaluate the challenger on val, test and the natural-prevalence set: metrics, per-slice metrics, plots and
         predictions, all logged to its MLflow run. Output: the operating threshold and the metrics."""
         return pipeline.evaluate_step(_run(), run_id=trained["run_id"], data=data)
 
     @task(**EVALUATE)
-    def gate(trained: dict, evaluated: dict) -> dict:
+    @PERMANENT_FAILS
+    def gate(trained: xcoms.Trained, evaluated: xcoms.Evaluated) -> xcoms.GateDecision:
         """Promote the challenger to `champion` or keep the champion (floors, non-regression, slices, McNemar, cost);
         the verdict and its reasons go to the run's gate.json and tags. Output: the verdict."""
         params = get_current_context()["params"]
@@ -171,7 +183,10 @@ def cloudscreen_training():
         )
 
     @task
-    def summary(data: dict, trained: dict, evaluated: dict, verdict: dict) -> dict:
+    @PERMANENT_FAILS
+    def summary(
+        data: xcoms.TrainingData, trained: xcoms.Trained, evaluated: xcoms.Evaluated, verdict: xcoms.GateDecision
+    ) -> xcoms.TrainingSummary:
         """The run in a few lines: data version, MLflow run link, test metrics, the gate's decision and reasons."""
         return pipeline.summarize(
             _run(), data=data, trained=trained, evaluation=evaluated, verdict=verdict, backend=trained["backend"]

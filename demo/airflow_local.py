@@ -58,6 +58,7 @@ class DagRunOutcome:
     seconds: float  # wall time of dag.test()
     task_states: dict[str, str]
     task_seconds: dict[str, float]  # each task instance's own duration (what the tasks computed)
+    task_tries: dict[str, int]  # attempts each task made (1: it never retried)
     results: dict[str, Any]  # each task's return value (XCom)
 
 
@@ -82,6 +83,7 @@ def run_dag(
         instances = dag_run.get_task_instances(session=session)
         states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in instances}
         durations = {ti.task_id: float(ti.duration or 0.0) for ti in instances}
+        tries = {ti.task_id: int(ti.try_number or 0) for ti in instances}
         rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id, key="return_value")).all()
         results = {row.task_id: XComModel.deserialize_value(row) for row in rows}
     return DagRunOutcome(
@@ -91,6 +93,7 @@ def run_dag(
         seconds=seconds,
         task_states=states,
         task_seconds=durations,
+        task_tries=tries,
         results=results,
     )
 

@@ -1,10 +1,10 @@
 """The floor every model is compared against: logistic regression by SGD on flattened raw pixels.
 
 The seed project's baseline (accuracy about 0.65), rebuilt as a logged MLflow run with the same dataset params,
-per-epoch metric names, lineage tags, cost and model contract as tasks.train, so the two sit side by side in the
-MLflow UI and tasks.evaluate measures both the same way. Trained with `partial_fit` over chunks read from the
-memory-mapped shards, so it runs on any set size in bounded memory. It is not registered: it is a yardstick, never
-a candidate for champion.
+per-epoch metric names, lineage tags, cost and model contract as tasks.train (tasks.lib.training_runs), so the two sit
+side by side in the MLflow UI and tasks.evaluate measures both the same way. Trained with `partial_fit` over chunks read
+from the memory-mapped shards, so it runs on any set size in bounded memory. It is not registered: it is a yardstick,
+never a candidate for champion.
 """
 
 from __future__ import annotations
@@ -22,7 +22,18 @@ from pydantic import Field
 
 from tasks.lib import cli, inputs, tracking
 from tasks.lib.config import StepParams, load_section
-from tasks.train import CostParams, TrainParams, cost_usd, dataset_name, dataset_params, hardware_tags, read_splits
+from tasks.lib.tiles import PATCH_SHAPE, PatchReader
+from tasks.lib.training_runs import (
+    CostParams,
+    cost_metrics,
+    dataset_params,
+    hardware_tags,
+    log_pyfunc_model,
+    log_training_input,
+    read_splits,
+    sklearn_requirements,
+)
+from tasks.train import TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +52,7 @@ class BaselineResult:
     metrics: dict[str, float]
 
 
-def _flat(source: inputs.PatchSource, frame: pd.DataFrame) -> np.ndarray:
+def _flat(source: PatchReader, frame: pd.DataFrame) -> np.ndarray:
     return source.frame_patches(frame).reshape(len(frame), -1).astype(np.float32)
 
 
@@ -49,7 +60,7 @@ def _chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [frame.iloc[i : i + size] for i in range(0, len(frame), size)]
 
 
-def _scores(pipeline: Any, source: inputs.PatchSource, frame: pd.DataFrame, size: int) -> np.ndarray:
+def _scores(pipeline: Any, source: PatchReader, frame: pd.DataFrame, size: int) -> np.ndarray:
     return np.concatenate([pipeline.predict_proba(_flat(source, c))[:, 1] for c in _chunks(frame, size)])
 
 
@@ -89,7 +100,7 @@ def baseline(
 
     started = time.monotonic()
     splits = read_splits(manifest, train_params.max_train_patches)
-    source = inputs.PatchSource(tiles)
+    source = inputs.open_tiles(tiles)
     cost = cost.from_environment()
     train, val = splits["train"], splits["val"]
     rng = np.random.default_rng(params.seed)
@@ -107,12 +118,11 @@ def baseline(
         full = inputs.read_manifest(manifest)
         mlflow.log_params(
             params.model_dump()
-            | {"model_architecture": "sgd_logistic_flat_pixels", "features": int(np.prod(inputs.PATCH_SHAPE))}
+            | {"model_architecture": "sgd_logistic_flat_pixels", "features": int(np.prod(PATCH_SHAPE))}
             | dataset_params(manifest, splits, int((full["split"] == "test").sum()))
             | {"machine_type": cost.machine_type, "accelerator": cost.accelerator, "tiles": str(tiles)}
         )
-        ds = mlflow.data.from_pandas(full, source=str(manifest), name=dataset_name(manifest, lineage), targets="label")
-        mlflow.log_input(ds, context="training")
+        log_training_input(manifest, full, lineage)
         for epoch in range(params.epochs):
             epoch_started = time.perf_counter()
             order = train.iloc[rng.permutation(len(train))]
@@ -126,46 +136,26 @@ def baseline(
             log.info("baseline epoch %d/%d: val_auc %.3f", epoch + 1, params.epochs, metrics["val_auc"])
 
         seconds = time.monotonic() - started
-        spent = cost_usd(seconds, cost, accelerators=0)
-        images = params.epochs * len(train)
-        mlflow.log_metrics(
-            {
-                "epochs_run": params.epochs,
-                "train_seconds": seconds,
-                "cost_usd": spent,
-                "cost_usd_per_1k_images": spent / images * 1000,
-            }
-        )
+        mlflow.log_metrics(cost_metrics(params.epochs, params.epochs * len(train), seconds, cost, accelerators=0))
         _log_model(pipeline, source, train)
         metrics = mlflow.get_run(run.info.run_id).data.metrics
     log.info("baseline run %s: val_auc %.3f", run.info.run_id, metrics["val_auc"])
     return BaselineResult(run.info.run_id, metrics)
 
 
-def _log_model(pipeline: Any, source: inputs.PatchSource, train: pd.DataFrame) -> None:
+def _log_model(pipeline: Any, source: PatchReader, train: pd.DataFrame) -> None:
     import joblib
-    import mlflow
-    import sklearn
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     from tasks.lib import serving
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *serving.PATCH_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
-    )
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "pipeline.joblib"
         joblib.dump(pipeline, saved)
-        mlflow.pyfunc.log_model(
-            name=tracking.MODEL_ARTIFACT,
-            python_model=serving.FlatPixelBaseline(),
+        log_pyfunc_model(
+            serving.FlatPixelBaseline(),
             artifacts={serving.SKLEARN_ARTIFACT: str(saved)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=signature,
             input_example=source.frame_patches(train.head(2)),
-            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}", "joblib"],
+            pip_requirements=sklearn_requirements(),
         )
 
 

@@ -4,12 +4,12 @@ Data: the sample step's `manifest.parquet` (its val and test splits) and the `na
 natural-prevalence evaluation set); pixels come from the tile step's shards. The model is any MLflow pyfunc that keeps
 the contract in tasks.lib.tracking (raw uint16 patches in, cloud probabilities out).
 
-The operating threshold is chosen on val (see `operating_threshold`) and then only reported on test and natural, so
+The operating threshold is chosen on val (see tasks.lib.thresholds) and then only reported on test and natural, so
 the test numbers are an honest estimate. A patch is called cloud when its score is >= the threshold. With
 `threshold_confidence` set, the threshold is the highest one at which val shows, with that confidence, that the
 recall on new patches reaches the target (a lower confidence bound, not the recall val happened to give).
 
-Metric names (built once, by `metric_name`), with SET one of val, test, natural:
+Metric names (built once, by tasks.lib.metrics.metric_name), with SET one of val, test, natural:
 - `SET_AT_METRIC` for metrics of a decision threshold, AT being `t50` (threshold 0.5) or `op` (the operating
   threshold) and METRIC one of accuracy, precision, recall, f1, tn, fp, fn, tp: e.g. `test_op_recall`,
   `natural_t50_precision`;
@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,28 +40,36 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from tasks.lib import cli
+from tasks.lib import cli, plots
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import EvaluationError
 from tasks.lib.files import file_digest, jsonable, write_json
-from tasks.lib.tracking import EVALUATION_DIR, TAG_PREFIX, run_model_uri
+from tasks.lib.metrics import (
+    AT_DEFAULT,
+    AT_OPERATING,
+    DEFAULT_THRESHOLD,
+    OPERATING_THRESHOLD,
+    SETS,
+    TARGET_RECALL,
+    as_scores,
+    binary_metrics,
+    set_metrics,
+    slice_metrics,
+)
+from tasks.lib.thresholds import RECALL_TOLERANCE, operating_threshold, recall_confidence
+from tasks.lib.tiles import INDEX_FILE, load_patches
+from tasks.lib.tracking import (
+    EVALUATION_DIR,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    TAG_PREFIX,
+    model_run_id,
+    run_model_uri,
+)
 from tasks.sample import NATURAL_FILE
-from tasks.tile import INDEX_FILE, load_patches
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5
-AT_DEFAULT = "t50"  # the threshold part of metric names: at DEFAULT_THRESHOLD ...
-AT_OPERATING = "op"  # ... and at the operating threshold
-SETS = ("val", "test", "natural")  # the `set` values of predictions.parquet, in row order
-THRESHOLD_METRICS = ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")
-SCORE_METRICS = ("roc_auc", "average_precision", "log_loss")
-COUNT_METRICS = ("patches", "positives")
-OPERATING_THRESHOLD = "operating_threshold"
-TARGET_RECALL = "target_recall"
-
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.parquet"
 SLICES_FILE = "slices.parquet"
 THRESHOLD_PLOT = "precision_recall_vs_threshold.png"
 PR_CURVE_PLOT = "precision_recall_curve.png"
@@ -87,7 +93,6 @@ TAG_MANIFEST_SHA256 = f"{TAG_PREFIX}evaluate.manifest_sha256"
 TAG_NATURAL_SHA256 = f"{TAG_PREFIX}evaluate.natural_sha256"
 
 _MANIFEST_COLUMNS = ("patch_id", "label", "split")
-_RECALL_TOLERANCE = 1e-9  # target × positives is computed in floating point: 0.958 × 1000 must count as 958
 
 
 class EvaluateParams(StepParams):
@@ -120,162 +125,7 @@ class Evaluation:
     summary: dict[str, Any] = field(repr=False)  # the content of metrics.json
 
 
-# --- metrics (pure) -----------------------------------------------------------------------------------------------
-
-
-def metric_name(dataset: str, metric: str, at: str | None = None) -> str:
-    """The flat MLflow name of a metric: `<set>_<at>_<metric>`, or `<set>_<metric>` for a threshold-free one."""
-    return "_".join(part for part in (dataset, at, metric) if part)
-
-
-def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """Counts, metrics at `threshold` (score >= threshold is cloud) and threshold-free metrics of one set of patches.
-
-    Well-defined for any input, one class or none included: what the data cannot define is NaN (precision with no
-    patch flagged, recall with no cloud patch, F1 with neither, ROC-AUC and average precision with one class, every
-    rate of an empty set); log loss is the binary cross-entropy with scores clipped away from 0 and 1 by
-    scikit-learn.
-
-    Returns:
-        Keys COUNT_METRICS + THRESHOLD_METRICS + SCORE_METRICS; counts and confusion cells as ints.
-    """
-    from sklearn import metrics as skm
-
-    y = np.asarray(labels).astype(np.int8)
-    s = np.asarray(scores, dtype=np.float64)
-    predicted = (s >= threshold).astype(np.int8)
-    n, positives = len(y), int(y.sum())
-    nan = float("nan")
-    if n == 0:  # scikit-learn refuses empty input
-        return (
-            {"patches": 0, "positives": 0}
-            | dict.fromkeys(THRESHOLD_METRICS, nan)
-            | {"tn": 0, "fp": 0, "fn": 0, "tp": 0}
-            | dict.fromkeys(SCORE_METRICS, nan)
-        )
-    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, predicted, labels=[0, 1]).ravel())
-    both_classes = 0 < positives < n
-    return {
-        "patches": n,
-        "positives": positives,
-        "accuracy": float(skm.accuracy_score(y, predicted)),
-        "precision": float(skm.precision_score(y, predicted, zero_division=np.nan)),
-        "recall": float(skm.recall_score(y, predicted, zero_division=np.nan)),
-        "f1": float(skm.f1_score(y, predicted, zero_division=np.nan)),
-        "tn": tn,
-        "fp": fp,
-        "fn": fn,
-        "tp": tp,
-        # On one class scikit-learn warns and answers nan (ROC-AUC) or 0 (average precision): both are undefined.
-        "roc_auc": float(skm.roc_auc_score(y, s)) if both_classes else nan,
-        "average_precision": float(skm.average_precision_score(y, s)) if both_classes else nan,
-        "log_loss": float(skm.log_loss(y, s, labels=[0, 1])),
-    }
-
-
-def operating_threshold(
-    labels: np.ndarray, scores: np.ndarray, target_recall: float, confidence: float | None = None
-) -> float:
-    """The highest threshold whose recall on these patches is at least `target_recall`; with `confidence`, the
-    highest at which these patches show with that confidence that the recall on new patches is at least the target.
-
-    With P cloud patches, recall at threshold t counts the cloud scores >= t, so the answer is the k-th highest
-    cloud score, k = ceil(target_recall × P): any higher threshold loses a cloud patch below the target. Hence:
-    - ties: cloud patches scoring the same as the k-th all count, so the recall reached may exceed the target;
-    - the threshold is a score that occurs in the data; no-cloud scores do not move it (they only set precision);
-    - when the target needs every cloud patch (target 1, or few cloud patches), it is the lowest cloud score, and
-      can be 0 if the model gives a cloud patch 0 — then every patch is flagged, which the caller should report.
-
-    That threshold reaches the target on these patches, not on new ones: the recall a new set of patches gets at it
-    falls below the target more often than not (with P = 120 and a target of 0.958, its expected value is 0.950).
-    `confidence` asks for a margin that follows from the data alone. The recall on new patches at the k-th highest
-    of P cloud scores — distribution-free, for scores of patches drawn from the same population (exchangeable) — is
-    Beta(k, P + 1 - k) distributed, so P(recall >= target) = P(Binomial(P, target) <= k - 1): the threshold is the
-    k-th highest cloud score for the smallest k with that probability >= `confidence` (0.5: the median recall
-    reaches the target; 0.9: a one-sided 90 % lower bound does), never above the threshold without `confidence`.
-    When even the lowest cloud score does not give the confidence (P too small), it is the lowest cloud score: see
-    `recall_confidence` for what was reached.
-
-    Raises:
-        ValueError: no cloud patches, a target outside (0, 1], or a confidence outside (0, 1).
-    """
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall {target_recall} is outside (0, 1]")
-    if confidence is not None and not 0 < confidence < 1:
-        raise ValueError(f"confidence {confidence} is outside (0, 1)")
-    positive = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])[::-1]
-    if not len(positive):
-        raise ValueError("no cloud patches: recall is undefined")
-    k = min(max(math.ceil(target_recall * len(positive) - _RECALL_TOLERANCE), 1), len(positive))
-    if confidence is not None:
-        reached = recall_confidence(np.arange(1, len(positive) + 1), len(positive), target_recall)
-        enough = np.flatnonzero(reached >= confidence - _RECALL_TOLERANCE)
-        k = max(k, int(enough[0]) + 1 if len(enough) else len(positive))
-    return float(positive[k - 1])
-
-
-def recall_confidence(k: np.ndarray | int, positives: int, target_recall: float) -> np.ndarray:
-    """The probability that the recall on new patches at the k-th highest of `positives` cloud scores is at least
-    `target_recall`: P(Binomial(positives, target_recall) <= k - 1) (see `operating_threshold`)."""
-    from scipy import stats
-
-    return stats.binom.cdf(np.asarray(k) - 1, positives, target_recall)
-
-
-def set_metrics(dataset: str, labels: np.ndarray, scores: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
-    """Flat-named metrics of one set at each of `thresholds` (AT label → threshold), see `metric_name`."""
-    out: dict[str, float] = {}
-    for at, threshold in thresholds.items():
-        values = binary_metrics(labels, scores, threshold)
-        out |= {metric_name(dataset, m, at): values[m] for m in THRESHOLD_METRICS}
-    out |= {metric_name(dataset, m): values[m] for m in (*COUNT_METRICS, *SCORE_METRICS)}
-    return out
-
-
-def slice_metrics(frame: pd.DataFrame, threshold: float, columns: tuple[str, ...] | list[str]) -> pd.DataFrame:
-    """Metrics per value of each of `columns` (e.g. season, country) at `threshold`.
-
-    Args:
-        frame: label, score and the slice columns, one row per patch.
-
-    Returns:
-        One row per (column, value), sorted by both: column, value (as text), then binary_metrics' keys (patches and
-        positives are the slice sizes; metrics undefined on a slice, e.g. recall of a slice with no cloud, are NaN).
-    """
-    keys = [*COUNT_METRICS, *THRESHOLD_METRICS, *SCORE_METRICS]
-    rows = []
-    for column in columns:
-        for value, group in frame.groupby(frame[column].astype(str), sort=True):
-            values = binary_metrics(group["label"].to_numpy(), group["score"].to_numpy(), threshold)
-            rows.append({"column": column, "value": value, **{k: values[k] for k in keys}})
-    return pd.DataFrame(rows, columns=["column", "value", *keys])
-
-
-def as_scores(raw: Any, n: int) -> np.ndarray:
-    """Coerce a pyfunc model's output (array, list, Series or one-column DataFrame) to n cloud probabilities.
-
-    Raises:
-        EvaluationError: the output is not n finite numbers in [0, 1].
-    """
-    if isinstance(raw, pd.DataFrame):
-        if raw.shape[1] != 1:
-            raise EvaluationError(f"model returned a frame with columns {list(raw.columns)}; expected one score column")
-        raw = raw.iloc[:, 0]
-    try:
-        scores = np.asarray(raw, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise EvaluationError(f"model returned {type(raw).__name__} that is not numeric: {exc}") from exc
-    if scores.ndim == 2 and scores.shape[1] == 1:  # a (n, 1) sigmoid output is a common Keras shape
-        scores = scores[:, 0]
-    if scores.shape != (n,):
-        raise EvaluationError(f"model returned scores of shape {scores.shape} for {n} patches; expected ({n},)")
-    bad = ~np.isfinite(scores) | (scores < 0) | (scores > 1)
-    if bad.any():
-        example = float(scores[bad][0])
-        raise EvaluationError(
-            f"model returned {int(bad.sum())} scores that are not probabilities in [0, 1], e.g. {example}"
-        )
-    return scores
+# --- scores and metrics -------------------------------------------------------------------------------------------
 
 
 def predict(model: Any, frame: pd.DataFrame, tiles: Path, batch: int) -> np.ndarray:
@@ -319,7 +169,7 @@ def assess(
     if confidence is not None:
         flagged = int(((scores >= threshold) & (labels == 1)).sum())
         reached = float(recall_confidence(flagged, int(labels.sum()), target_recall))
-        if reached < confidence - _RECALL_TOLERANCE:
+        if reached < confidence - RECALL_TOLERANCE:
             log.warning(
                 "val's %d cloud patches cannot show recall %g with confidence %g: the lowest cloud score gives %.3f",
                 int(labels.sum()),
@@ -343,117 +193,6 @@ def assess(
             slices.append(slice_metrics(part, threshold, slice_columns).assign(set=name))
     frame = pd.concat(slices, ignore_index=True)
     return threshold, metrics, frame[["set", *(c for c in frame.columns if c != "set")]]
-
-
-# --- plots (pure: arrays in, matplotlib Figure out; no pyplot, so no global backend state) ----------------------
-
-
-def render_rgb(patches: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """uint16 reflectance (n, h, w, >=3; R, G, B first) → uint8 RGB, stretched linearly between the given
-    percentiles of all the patches together: robust to a few saturated pixels, and patches rendered together keep
-    their relative brightness (a bright false positive looks bright next to a dark one)."""
-    rgb = np.asarray(patches)[..., :3].astype(np.float32)
-    if rgb.size == 0:
-        return rgb.astype(np.uint8)
-    low, high = (float(v) for v in np.percentile(rgb, percentiles))
-    scale = max(high - low, 1.0)  # a flat image must not divide by zero
-    return (np.clip((rgb - low) / scale, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)  # attach the Agg canvas to this figure only; matplotlib's global backend is untouched
-    return fig
-
-
-def threshold_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, target_recall: float) -> Any:
-    """Precision and recall against the threshold for each set (set → (labels, scores)), with the operating
-    threshold and the target recall marked. A set without both classes has no curve."""
-    from sklearn.metrics import precision_recall_curve
-
-    fig = _figure(7, 4.5)
-    ax = fig.add_subplot()
-    for (name, (labels, scores)), style in zip(curves.items(), ("-", "--", ":"), strict=False):
-        if len(np.unique(labels)) < 2:
-            continue
-        precision, recall, cuts = precision_recall_curve(labels, scores)
-        ax.plot(cuts, precision[:-1], style, color="tab:blue", label=f"precision ({name})")
-        ax.plot(cuts, recall[:-1], style, color="tab:orange", label=f"recall ({name})")
-    ax.axvline(threshold, color="black", linewidth=1, label=f"operating threshold {threshold:.4f}")
-    ax.axhline(target_recall, color="grey", linewidth=0.8, linestyle=":", label=f"target recall {target_recall:g}")
-    ax.set(xlabel="threshold (score >= threshold is cloud)", ylabel="precision, recall", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("Precision and recall against the threshold")
-    ax.legend(fontsize="small", loc="lower left")
-    return fig
-
-
-def pr_curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float) -> Any:
-    """Precision-recall curves (set → (labels, scores)), each set's operating point marked. A set without both
-    classes has no curve."""
-    from sklearn.metrics import precision_recall_curve
-
-    fig = _figure(6, 5)
-    ax = fig.add_subplot()
-    for name, (labels, scores) in curves.items():
-        if len(np.unique(labels)) < 2:
-            continue
-        precision, recall, _ = precision_recall_curve(labels, scores)
-        at = binary_metrics(labels, scores, threshold)
-        (line,) = ax.step(recall, precision, where="post", label=f"{name} (AP {at['average_precision']:.3f})")
-        ax.plot(at["recall"], at["precision"], "o", color=line.get_color())
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
-    ax.set_title(f"Precision-recall curve (dots: threshold {threshold:.4f})")
-    ax.legend(fontsize="small", loc="lower left")
-    return fig
-
-
-def confusion_figure(matrices: dict[str, dict[str, float]], threshold: float) -> Any:
-    """Confusion matrices (set → binary_metrics at the threshold), counts and row shares."""
-    fig = _figure(4.2 * len(matrices), 4)
-    for ax, (name, m) in zip(fig.subplots(1, len(matrices), squeeze=False)[0], matrices.items(), strict=True):
-        cells = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]], dtype=np.float64)
-        shares = cells / np.maximum(cells.sum(axis=1, keepdims=True), 1)
-        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        for (i, j), count in np.ndenumerate(cells):
-            colour = "white" if shares[i, j] > 0.5 else "black"
-            ax.text(j, i, f"{int(count)}\n{shares[i, j]:.1%}", ha="center", va="center", color=colour)
-        ax.set_xticks([0, 1], ["no_cloud", "cloud"])
-        ax.set_yticks([0, 1], ["no_cloud", "cloud"])
-        ax.set(xlabel="predicted", ylabel="true", title=name)
-    fig.suptitle(f"Confusion matrix at threshold {threshold:.4f}")
-    return fig
-
-
-def worst_errors_figure(rows: dict[str, tuple[np.ndarray, list[str], np.ndarray]], columns: int) -> Any:
-    """An image grid, one row per kind of error (row title → (uint8 RGB images, patch ids, scores)), each image
-    titled with its patch id and score."""
-    fig = _figure(1.7 * columns + 0.4, 2.0 * len(rows))
-    axes = fig.subplots(len(rows), columns, squeeze=False)
-    for axes_row, (title, (images, ids, scores)) in zip(axes, rows.items(), strict=True):
-        for ax in axes_row:
-            ax.set_axis_off()
-        for ax, image, patch_id, score in zip(axes_row, images, ids, scores, strict=False):
-            ax.imshow(image)
-            ax.set_title(f"{patch_id}\nscore {score:.3f}", fontsize=5)
-        label = title if len(ids) else f"{title}: none"
-        axes_row[0].text(-0.08, 0.5, label, rotation=90, va="center", ha="right", transform=axes_row[0].transAxes)
-    return fig
-
-
-def worst_errors(predictions: pd.DataFrame, threshold: float, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The k no-cloud patches with the highest scores at or above `threshold` (false positives, worst first) and the
-    k cloud patches with the lowest scores below it (false negatives), each patch_id once."""
-    unique = predictions.drop_duplicates("patch_id")
-    false_pos = unique[(unique["label"] == 0) & (unique["score"] >= threshold)]
-    false_neg = unique[(unique["label"] == 1) & (unique["score"] < threshold)]
-    return false_pos.nlargest(k, "score"), false_neg.nsmallest(k, "score")
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=120)
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
@@ -503,42 +242,6 @@ def _load_sets(manifest: Path, tiles: Path, columns: tuple[str, ...]) -> dict[st
     return {name: part.reset_index(drop=True) for name, part in sets.items()}
 
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
-
-
-def model_run_id(model_uri: str) -> str:
-    """The MLflow run a model belongs to: the run of `runs:/ID/...`, the source run of a registered version
-    (`models:/name@alias`, `models:/name/version`) or of a logged model (`models:/m-...`).
-
-    Raises:
-        EvaluationError: the URI has another form, or names a model or version the registry does not hold.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    if match := _RUNS_URI.match(model_uri):
-        return match["run_id"]
-    match = _MODELS_URI.match(model_uri)
-    if not match:
-        raise EvaluationError(
-            f"model {model_uri!r}: expected runs:/ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION"
-        )
-    client = MlflowClient()
-    try:
-        if match["alias"]:
-            run_id = client.get_model_version_by_alias(match["name"], match["alias"]).run_id
-        elif match["version"]:
-            run_id = client.get_model_version(match["name"], match["version"]).run_id
-        else:
-            run_id = client.get_logged_model(match["name"]).source_run_id
-    except MlflowException as exc:
-        raise EvaluationError(f"model {model_uri!r}: {exc.message}") from exc
-    if not run_id:
-        raise EvaluationError(f"model {model_uri!r}: has no source run to log the evaluation to")
-    return run_id
-
-
 def _load_model(model_uri: str) -> Any:
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
@@ -579,23 +282,25 @@ def _write_artifacts(
     write_json(out / METRICS_FILE, jsonable(summary))
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
     slices.to_parquet(out / SLICES_FILE, index=False)
-    _save(
-        threshold_figure({"test": arrays("test"), "val": arrays("val")}, threshold, params.target_recall),
+    plots.save(
+        plots.threshold_figure({"test": arrays("test"), "val": arrays("val")}, threshold, params.target_recall),
         out / THRESHOLD_PLOT,
     )
-    _save(pr_curve_figure({"test": arrays("test"), "natural": arrays("natural")}, threshold), out / PR_CURVE_PLOT)
+    plots.save(
+        plots.pr_curve_figure({"test": arrays("test"), "natural": arrays("natural")}, threshold), out / PR_CURVE_PLOT
+    )
     matrices = {name: binary_metrics(*arrays(name), threshold) for name in ("test", "natural")}
-    _save(confusion_figure(matrices, threshold), out / CONFUSION_PLOT)
+    plots.save(plots.confusion_figure(matrices, threshold), out / CONFUSION_PLOT)
     # Test and natural together: natural adds the real-world no-cloud look-alikes; the cloud patches are shared.
     reported = predictions[predictions["set"].isin(["test", "natural"])]
-    false_pos, false_neg = worst_errors(reported, threshold, params.worst_examples)
+    false_pos, false_neg = plots.worst_errors(reported, threshold, params.worst_examples)
     ids = [*false_pos["patch_id"], *false_neg["patch_id"]]
-    images = render_rgb(load_patches(tiles, ids), params.stretch_percentiles) if ids else np.empty((0, 1, 1, 3))
+    images = plots.render_rgb(load_patches(tiles, ids), params.stretch_percentiles) if ids else np.empty((0, 1, 1, 3))
     rows = {
         "false positives": (images[: len(false_pos)], false_pos["patch_id"].tolist(), false_pos["score"].to_numpy()),
         "false negatives": (images[len(false_pos) :], false_neg["patch_id"].tolist(), false_neg["score"].to_numpy()),
     }
-    _save(worst_errors_figure(rows, params.worst_examples), out / WORST_ERRORS_PLOT)
+    plots.save(plots.worst_errors_figure(rows, params.worst_examples), out / WORST_ERRORS_PLOT)
 
 
 def _log_to_run(run_id: str, directory: Path, metrics: dict[str, float], tags: dict[str, str]) -> None:

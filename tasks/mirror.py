@@ -40,6 +40,7 @@ from tasks.lib import cli
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ConfigError
 from tasks.lib.files import atomic_path, file_digest
+from tasks.lib.outputs import completed
 
 log = logging.getLogger(__name__)
 
@@ -588,14 +589,12 @@ def build_mirror(
     checksum_file = out / f"{name}.sha256"
     contents_file = out / f"{name}.contents.json"
     recipe = _recipe(params, faults)
-    if archive.exists() and checksum_file.exists() and contents_file.exists():
+    previous = completed(contents_file, recipe, requires=(archive, checksum_file), at=("recipe",), what=str(archive))
+    if previous is not None:
         recorded = checksum_file.read_text().split()[0]
-        built_from = json.loads(contents_file.read_text()).get("recipe")
-        if built_from != recipe:
-            log.info("mirror %s was built from other params or rendering code: rebuilding", archive)
-        elif file_digest(archive, "sha256") == recorded:
-            log.info("mirror %s already built (sha256 %s), not rebuilding", archive, recorded)
-            return _result_from_disk(archive, recorded, contents_file)
+        if file_digest(archive, "sha256") == recorded:
+            return _result_from_disk(archive, recorded, previous)
+        log.warning("%s does not match its checksum file %s: rebuilding", archive, checksum_file)
 
     log.info(
         "building %s: %d synthesized patches, seed %d, faults %s",
@@ -681,8 +680,7 @@ def _recipe(params: MirrorParams, faults: dict[Fault, int]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _result_from_disk(archive: Path, digest: str, summary_file: Path) -> MirrorResult:
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+def _result_from_disk(archive: Path, digest: str, summary: dict) -> MirrorResult:
     return MirrorResult(
         archive,
         digest,

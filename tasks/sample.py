@@ -36,7 +36,8 @@ from tasks.lib import cli
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ConfigError, SampleError
 from tasks.lib.files import atomic_dir, path_digest, write_json
-from tasks.tile import INDEX_FILE, METADATA_FILE
+from tasks.lib.outputs import completed
+from tasks.lib.tiles import INDEX_FILE, METADATA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +322,11 @@ def sample(*, tiles: Path, out: Path, dataset: str, params: SampleParams) -> Sam
     target = out / dataset
     result_paths = (target / MANIFEST_FILE, target / NATURAL_FILE, target / SUMMARY_FILE)
     fingerprint = _fingerprint(metadata_path, index_path, dataset, params)
-    if all(p.is_file() for p in result_paths):
-        previous = json.loads(result_paths[2].read_text())
-        if previous.get("input", {}).get("fingerprint") == fingerprint["fingerprint"]:
-            log.info("%s is up to date for %s, not sampling again", target, tiles)
-            return SampleResult(*result_paths, summary=previous, skipped=True)
+    previous = completed(
+        result_paths[2], fingerprint["fingerprint"], requires=result_paths[:2], what=f"the {dataset} set of {tiles}"
+    )
+    if previous is not None:
+        return SampleResult(*result_paths, summary=previous, skipped=True)
 
     metadata = _read_table(metadata_path, ("patch_id", "cloud", "season", "country"), ("snow",))
     index = _read_table(index_path, ("patch_id", "shard", "offset"))

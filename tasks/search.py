@@ -39,7 +39,8 @@ from pydantic import Field, model_validator
 from tasks.lib import cli, inputs, tracking
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.model import ModelParams
-from tasks.train import CostParams, TrainParams, read_splits, train
+from tasks.lib.training_runs import CostParams, read_splits
+from tasks.train import TrainParams, train
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def search(
     import optuna
 
     read_splits(manifest, train_params.max_train_patches)  # bad input or config fails before any run opens
-    inputs.PatchSource(tiles)
+    inputs.open_tiles(tiles)
     cost.from_environment()
     log.info(
         "searching %d trials of %d epoch(s) on %s: learning rate %g..%g (log), optimizers %s, %s %s",

@@ -1,16 +1,10 @@
 """Turn validated BigEarthNet-S2 patches into training-ready band shards, a metadata table and band statistics.
 
-Output directory:
-- `metadata.parquet`: one row per patch (labels, cloud, snow, season, country, acquisition date, tile source,
-  coordinates), built from the JSON files in batches with `dask.dataframe.from_map`;
-- `shards/shard-NNNNN.npy`: uint16 arrays of shape (n, 120, 120, C), memory-mappable, channel order in `tiles.json`
-  (default C = 3: B04, B03, B02 = red, green, blue; `all`: the 12 bands, 20 m and 60 m upsampled to 120 px);
-- `index.parquet`: patch_id → (shard, offset);
-- `stats.json`: per-band count, mean, std, min, max over all patches and per class (cloud / no_cloud);
-- `tiles.json`: band order, shapes, counts, shard list, skipped patches, params; nothing tied to where or when it ran
-  (that goes to the `.<out>.state.json` file beside the output, used to skip unchanged re-runs).
-Quarantined patches (from the validation report) are skipped and listed in `tiles.json`.
-Work runs on a Dask cluster: a LocalCluster, or the one at DASK_SCHEDULER_ADDRESS.
+The output directory's format (its files, the shard layout, the channel sets and their order) is defined in
+tasks.lib.tiles. The metadata table is built from the JSON files in batches with `dask.dataframe.from_map`. `tiles.json`
+holds nothing tied to where or when the step ran: that goes to the `.<out>.state.json` file beside the output, used to
+skip unchanged re-runs. Quarantined patches (from the validation report) are skipped and listed in `tiles.json`. Work
+runs on a Dask cluster: a LocalCluster, or the one at DASK_SCHEDULER_ADDRESS.
 """
 
 from __future__ import annotations
@@ -38,17 +32,23 @@ from tasks.lib.bands import BandReader
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import TilingError
 from tasks.lib.files import atomic_dir, folders_fingerprint, write_json
+from tasks.lib.outputs import completed
+from tasks.lib.tiles import (
+    CHANNELS,
+    CLASSES,
+    DTYPE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    PATCH_PX,
+    SHARD_DIR,
+    STATS_FILE,
+    create_shard,
+    patch_bytes,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "tiles.json"
-METADATA_FILE = "metadata.parquet"
-INDEX_FILE = "index.parquet"
-STATS_FILE = "stats.json"
-SHARD_DIR = "shards"
-PATCH_PX = 120
-CHANNELS: dict[str, tuple[str, ...]] = {"rgb": ben.RGB_BANDS, "all": ben.BANDS}
-CLASSES = {"cloud": True, "no_cloud": False}
 
 
 class TileParams(StepParams):
@@ -144,9 +144,9 @@ def _band_reader() -> BandReader:
 
 
 def _read_patch(folder: Path, channels: tuple[str, ...], out: np.ndarray) -> None:
-    """Fill `out` (120, 120, C) uint16; coarser bands are repeated up to 120 px (nearest neighbour keeps values
+    """Fill `out` (PATCH_PX, PATCH_PX, C); coarser bands are repeated up to PATCH_PX (nearest neighbour keeps values
     exact)."""
-    planes = np.empty((len(channels), PATCH_PX, PATCH_PX), dtype=np.uint16)
+    planes = np.empty((len(channels), PATCH_PX, PATCH_PX), dtype=DTYPE)
     for c, band in enumerate(channels):
         array = _band_reader().read(folder / ben.band_file(folder.name, band))
         size = array.shape[0]
@@ -220,8 +220,7 @@ class _Moments:
 
 def _write_shard(path: str, folders: list[str], cloud: list[bool], channels: tuple[str, ...]) -> dict[str, _Moments]:
     """Fill one shard file (inside the output's temporary directory) and return its per-class moments."""
-    shape = (len(folders), PATCH_PX, PATCH_PX, len(channels))
-    shard = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=shape)
+    shard = create_shard(path, len(folders), len(channels))
     for i, folder in enumerate(folders):
         _read_patch(Path(folder), channels, out=shard[i])
     shard.flush()
@@ -314,15 +313,13 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
     fingerprint = folders_fingerprint(
         folders, params.model_dump_json().encode(), report.read_bytes() if report else b""
     )
-    manifest_path, state = out / MANIFEST_FILE, state_path(out)
-    if manifest_path.exists() and state.exists() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
-        log.info("%s is up to date for %s, not tiling again", out, patches)
-        manifest = json.loads(manifest_path.read_text())
+    state = state_path(out)
+    if completed(state, fingerprint, requires=[out / MANIFEST_FILE], at=("fingerprint",), what="tiles"):
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
         return TileResult(out, manifest["patches"], len(manifest["shards"]), skipped=True)
     state.unlink(missing_ok=True)
 
-    bytes_per_patch = PATCH_PX * PATCH_PX * len(channels) * 2
-    per_shard = max(1, min(params.shard_patches, params.shard_max_mb * 2**20 // bytes_per_patch))
+    per_shard = max(1, min(params.shard_patches, params.shard_max_mb * 2**20 // patch_bytes(len(channels))))
     log.info("tiling %d patches (%d quarantined skipped) from %s into %s: bands %s, %d patches per shard",
              len(folders), len(skip), patches, out, "/".join(channels), per_shard)  # fmt: skip
 
@@ -348,10 +345,10 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
         shard_names, sizes, index = [], {}, []
         for n, start in enumerate(range(0, len(folders), per_shard)):
             group = folders[start : start + per_shard]
-            name = f"shard-{n:05d}.npy"
+            name = shard_name(n)
             shard_names.append(name)
-            index += [(f.name, f"{SHARD_DIR}/{name}", i) for i, f in enumerate(group)]
-            future = client.submit(_write_shard, str(tmp / SHARD_DIR / name), [str(f) for f in group],
+            index += [(f.name, name, i) for i, f in enumerate(group)]
+            future = client.submit(_write_shard, str(tmp / name), [str(f) for f in group],
                                    [f.name in clouds for f in group], channels, pure=False)  # fmt: skip
             sizes[future] = len(group)
 
@@ -373,9 +370,9 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
             "patches": len(folders),
             "channels": list(channels),
             "channel_meaning": "red, green, blue" if params.bands == "rgb" else "Sentinel-2 bands in this order",
-            "dtype": "uint16",
+            "dtype": DTYPE,
             "shape_per_patch": [PATCH_PX, PATCH_PX, len(channels)],
-            "shards": [f"{SHARD_DIR}/{name}" for name in shard_names],
+            "shards": shard_names,
             "skipped_quarantined": sorted(skip),
             "params": params.model_dump(),
         }
@@ -390,14 +387,6 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
     )
     log.info("tiled %d patches into %d shards under %s", len(folders), len(shard_names), out)
     return TileResult(out, len(folders), len(shard_names), skipped=False)
-
-
-def load_patches(out: Path, patch_ids: list[str]) -> np.ndarray:
-    """Read patches back from their memory-mapped shards (n, 120, 120, C), in the order asked."""
-    index = pd.read_parquet(out / INDEX_FILE).set_index("patch_id")
-    rows = index.loc[patch_ids]
-    shards = {name: np.load(out / name, mmap_mode="r") for name in rows["shard"].unique()}
-    return np.stack([shards[s][o] for s, o in zip(rows["shard"], rows["offset"], strict=True)])
 
 
 def main() -> None:

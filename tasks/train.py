@@ -15,12 +15,10 @@ later failure does not train twice).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,13 +29,24 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from tasks.lib import cli, inputs, tracking
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ConfigError
 from tasks.lib.files import write_json
 from tasks.lib.model import ModelParams, build_model, compile_for_training, describe
+from tasks.lib.tiles import DTYPE, INDEX_FILE, PATCH_SHAPE, RGB_CHANNELS, PatchReader
+from tasks.lib.training_runs import (
+    CostParams,
+    cost_metrics,
+    dataset_params,
+    hardware_tags,
+    keras_requirements,
+    log_pyfunc_model,
+    log_training_input,
+    read_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,35 +74,6 @@ class TrainParams(StepParams):
     max_train_patches: int | None = Field(default=None, gt=0)
 
 
-class CostParams(StepParams):
-    machine_type: str
-    accelerator: str
-    machine_usd_per_hour: dict[str, float]
-    accelerator_usd_per_hour: dict[str, float]
-
-    @model_validator(mode="after")
-    def _known_types(self) -> CostParams:
-        for kind, name, table in (
-            ("machine_type", self.machine_type, self.machine_usd_per_hour),
-            ("accelerator", self.accelerator, self.accelerator_usd_per_hour),
-        ):
-            if name not in table:
-                raise ValueError(f"{kind} {name!r} has no price; priced: {', '.join(sorted(table))}")
-        return self
-
-    def from_environment(self) -> CostParams:
-        """The machine and accelerator the pod or VM says it runs on (CLOUDSCREEN_MACHINE_TYPE/_ACCELERATOR)."""
-        changes = {
-            key: os.environ[var]
-            for key, var in (("machine_type", "CLOUDSCREEN_MACHINE_TYPE"), ("accelerator", "CLOUDSCREEN_ACCELERATOR"))
-            if os.environ.get(var)
-        }
-        try:
-            return CostParams.model_validate(self.model_dump() | changes) if changes else self
-        except ValueError as exc:
-            raise ConfigError(f"cost from the environment: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class TrainResult:
     run_id: str
@@ -103,90 +83,12 @@ class TrainResult:
     reused: bool = False  # the checkpoint directory held a finished run: nothing was trained
 
 
-def cost_usd(seconds: float, cost: CostParams, accelerators: int) -> float:
-    """What `seconds` of wall time cost on the configured machine with `accelerators` of the configured GPU."""
-    hourly = cost.machine_usd_per_hour[cost.machine_type]
-    if cost.accelerator != "none":
-        hourly += cost.accelerator_usd_per_hour[cost.accelerator] * max(accelerators, 1)
-    return seconds / 3600 * hourly
-
-
 def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     """Inverse-frequency weights when the classes are imbalanced (`auto`); None when balanced or `none`."""
     counts = np.bincount(labels.astype(np.int64), minlength=2)
     if mode == "none" or counts[0] == counts[1]:
         return None
     return {label: len(labels) / (2 * int(count)) for label, count in enumerate(counts)}
-
-
-def read_splits(manifest_path: Path, max_train_patches: int | None = None) -> dict[str, pd.DataFrame]:
-    """The train and val splits of a manifest, each with both classes; train capped per class when asked."""
-    manifest = inputs.read_manifest(manifest_path)
-    splits = {name: manifest[manifest["split"] == name] for name in ("train", "val")}
-    for name, frame in splits.items():
-        present = set(frame["label"].unique())
-        if present != {0, 1}:
-            raise inputs.InputError(
-                f"{manifest_path}: the {name} split needs both classes; it holds labels {present or 'none'}"
-            )
-    if max_train_patches:
-        splits["train"] = splits["train"].groupby("label", group_keys=False).head(max_train_patches)
-    return splits
-
-
-def dataset_params(manifest_path: Path, splits: dict[str, pd.DataFrame], test_rows: int) -> dict[str, Any]:
-    flat: dict[str, Any] = {
-        "dataset": manifest_path.parent.name,
-        "manifest": str(manifest_path),
-        "test_patches": test_rows,
-    }
-    for split, frame in splits.items():
-        counts = frame["label"].value_counts()
-        flat[f"{split}_cloud"] = int(counts.get(1, 0))
-        flat[f"{split}_no_cloud"] = int(counts.get(0, 0))
-    return flat
-
-
-def hardware_tags() -> dict[str, str]:
-    """Where the run ran: host, CPU, GPUs, driver and CUDA, TensorFlow and Keras versions."""
-    import keras
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    gpu_names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
-    tags = {
-        "host": platform.node(),
-        "cpu_model": _cpu_model(),
-        "cpu_cores": str(os.cpu_count()),
-        "gpu_count": str(len(gpus)),
-        "gpu_model": ", ".join(sorted(set(gpu_names))),
-        "gpu_driver": _nvidia_driver(),
-        "cuda_version": str(tf.sysconfig.get_build_info().get("cuda_version", "")),
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-    }
-    return {f"{tracking.TAG_PREFIX}{k}": v for k, v in tags.items()}
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _nvidia_driver() -> str:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVIDIA driver: the normal case on CPU machines
-        return ""
-    try:
-        return str(pynvml.nvmlSystemGetDriverVersion())
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def _epoch_logger(train_images: int, state: _RunState) -> Any:
@@ -300,7 +202,7 @@ def train(
         metrics = mlflow.get_run(state.run_id).data.metrics
         return TrainResult(state.run_id, state.model_version, state.epochs, metrics, reused=True)
 
-    source = inputs.PatchSource(tiles)
+    source = inputs.open_tiles(tiles)
     cost = cost.from_environment()
     gpus = tf.config.list_physical_devices("GPU")
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -353,10 +255,7 @@ def train(
                     "tiles": str(tiles),
                 }
             )
-            dataset = mlflow.data.from_pandas(
-                full, source=str(manifest), name=dataset_name(manifest, lineage), targets="label"
-            )
-            mlflow.log_input(dataset, context="training")
+            log_training_input(manifest, full, lineage)
         else:
             log.info("resuming MLflow run %s after epoch %d", state.run_id, state.epochs)
 
@@ -385,15 +284,8 @@ def train(
                 verbose=1 if sys.stderr.isatty() else 2,
             )
 
-        images = state.epochs * len(splits["train"])
-        seconds = state.seconds
-        spent = cost_usd(seconds, cost, len(gpus))
-        summary = {
-            "epochs_run": state.epochs,
-            "train_seconds": seconds,
-            "cost_usd": spent,
-            "cost_usd_per_1k_images": spent / images * 1000 if images else 0.0,
-        }
+        summary = cost_metrics(state.epochs, state.epochs * len(splits["train"]), state.seconds, cost, len(gpus))
+        spent = summary["cost_usd"]
         summary |= _best_epoch(history.history)
         mlflow.log_metrics(summary)
         version = _log_model(model, source, splits["train"], mean, variance, params if register else None)
@@ -406,7 +298,6 @@ def train(
 
 def _fingerprint(manifest: Path, tiles: Path, params: TrainParams, model: ModelParams, register: bool) -> str:
     from tasks.lib.files import file_digest
-    from tasks.tile import INDEX_FILE
 
     record = {
         "manifest": file_digest(manifest, "sha256") if manifest.is_file() else str(manifest),
@@ -429,11 +320,6 @@ def _run_exists(run_id: str) -> bool:
     return True
 
 
-def dataset_name(manifest: Path, lineage: tracking.Lineage) -> str:
-    snapshot = lineage.snapshot or manifest.parent.parent.name
-    return f"{snapshot}/{manifest.parent.name}"
-
-
 def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
     """The val metrics of the epoch whose weights were kept (EarlyStopping restores the lowest val_loss)."""
     if not history.get("val_loss"):
@@ -444,7 +330,7 @@ def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
 
 def _log_model(
     model: Any,
-    source: inputs.PatchSource,
+    source: PatchReader,
     train: pd.DataFrame,
     mean: list[float],
     variance: list[float],
@@ -457,18 +343,13 @@ def _log_model(
     from tasks.lib import serving
 
     mlflow.log_dict(
-        {"channels": inputs.RGB_CHANNELS, "dtype": "uint16", "mean": mean, "variance": variance},
+        {"channels": list(RGB_CHANNELS), "dtype": DTYPE, "mean": mean, "variance": variance},
         "preprocessing.json",
     )
     example = source.frame_patches(train.head(2))
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *serving.PATCH_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
-    )
-    # Explicit requirements: inferring them reloads the model in a subprocess, which costs more than a tiny run.
-    requirements = _requirements()
+    requirements = keras_requirements()
     keras_signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *serving.PATCH_SHAPE))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *PATCH_SHAPE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1))]),
     )
     mlflow.keras.log_model(
@@ -477,34 +358,18 @@ def _log_model(
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "classifier.keras"
         model.save(saved)
-        info = mlflow.pyfunc.log_model(
-            name=tracking.MODEL_ARTIFACT,
-            python_model=serving.RawPatchClassifier(),
+        info = log_pyfunc_model(
+            serving.RawPatchClassifier(),
             artifacts={serving.KERAS_ARTIFACT: str(saved)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=signature,
             input_example=example,
-            registered_model_name=register.registered_model if register else None,
             pip_requirements=requirements,
+            registered_model_name=register.registered_model if register else None,
         )
     if register is None:
         return None
     version = str(info.registered_model_version)
     mlflow.MlflowClient().set_registered_model_alias(register.registered_model, tracking.CHALLENGER, version)
     return version
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import tensorflow as tf
-
-    # tensorflow-cpu (this project's lock) and tensorflow (the GPU image) are the same code under two names.
-    pins = [f"tensorflow=={tf.__version__}"]
-    for package in ("keras", "mlflow", "numpy", "pandas"):
-        with contextlib.suppress(PackageNotFoundError):
-            pins.append(f"{package}=={version(package)}")
-    return pins
 
 
 def main() -> None:

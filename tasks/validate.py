@@ -29,6 +29,7 @@ from tasks.lib import cli
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ValidationFailedError
 from tasks.lib.files import atomic_dir, folders_fingerprint, write_json
+from tasks.lib.outputs import completed
 
 log = logging.getLogger(__name__)
 
@@ -351,11 +352,9 @@ def validate(*, patches: Path, out: Path, params: ValidateParams) -> ValidationR
     folders, ignored = _patch_folders(patches)
     fingerprint = folders_fingerprint(folders, params.model_dump_json().encode())
     report_path = out / REPORT_FILE
-    if report_path.exists():
-        previous = json.loads(report_path.read_text())
-        if previous.get("input", {}).get("fingerprint") == fingerprint:
-            log.info("%s is up to date for %s, not validating again", report_path, patches)
-            return ValidationResult(report_path, previous, skipped=True)
+    previous = completed(report_path, fingerprint, what=f"the validation of {patches}")
+    if previous is not None:
+        return ValidationResult(report_path, previous, skipped=True)
 
     log.info("validating %d patch folders under %s with %d workers", len(folders), patches, params.workers)
     check = partial(_check_patch, params=params)

@@ -42,8 +42,8 @@ from tasks.lib import cli
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import UnknownVersionError, VersioningError
 from tasks.lib.files import atomic_dir, write_json
+from tasks.lib.tiles import MANIFEST_FILE as TILE_MANIFEST_FILE
 from tasks.sample import MANIFEST_FILE as SAMPLE_MANIFEST_FILE
-from tasks.tile import MANIFEST_FILE as TILE_MANIFEST_FILE
 
 if TYPE_CHECKING:
     from dvc.output import Output

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.lib import xcoms
 from tasks.lib.config import StepParams, default_params
 from tasks.lib.errors import TrainingBackendError
 
@@ -148,7 +149,7 @@ class TrainingRequest:
 # --- local ----------------------------------------------------------------------------------------------------------
 
 
-def run_local(request: TrainingRequest, *, params_path: Path | None = None, tail: int = 40) -> dict[str, Any]:
+def run_local(request: TrainingRequest, *, params_path: Path | None = None, tail: int = 40) -> xcoms.Trained:
     """Run the trainer as a subprocess of this process, its log streamed into ours; return its result."""
     with tempfile.TemporaryDirectory(prefix="cloudscreen-train-") as scratch:
         xcom_out = Path(scratch) / "return.json"
@@ -170,7 +171,7 @@ def run_local(request: TrainingRequest, *, params_path: Path | None = None, tail
         return _result(xcom_out.read_text(), where=str(xcom_out))
 
 
-def _result(text: str, where: str) -> dict[str, Any]:
+def _result(text: str, where: str) -> xcoms.Trained:
     try:
         result = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -201,7 +202,7 @@ def docker_spec(request: TrainingRequest, params: DockerParams) -> dict[str, Any
     return spec
 
 
-def run_docker(request: TrainingRequest, params: DockerParams) -> dict[str, Any]:
+def run_docker(request: TrainingRequest, params: DockerParams) -> xcoms.Trained:
     """Run the trainer image through the Docker engine, follow its log, return its result; the container is removed."""
     from tasks.lib.docker_engine import docker_client
 

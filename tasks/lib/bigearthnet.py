@@ -23,7 +23,7 @@ BAND_SIZES: dict[str, int] = {
     **dict.fromkeys(_ben.BEN_60m_CHANNELS, 20),
 }
 BANDS: tuple[str, ...] = tuple(_ben.BEN_CHANNELS)  # B01 … B12 in the official order
-RGB_BANDS: tuple[str, ...] = tuple(_ben.BEN_RGB_CHANNELS)  # B04, B03, B02 = red, green, blue
+RGB_BANDS: tuple[str, ...] = tuple(_ben.BEN_RGB_CHANNELS)  # the red, green and blue bands, in that order
 PATCH_SIZE_M: int = _ben.BEN_PATCH_SIZE_M
 LABELS: frozenset[str] = frozenset(_ben.OLD_LABELS)  # the 43 CORINE level-3 names used in labels_metadata.json
 LABEL_ORDER: tuple[str, ...] = tuple(_ben.OLD_LABELS_ORIGINAL_ORDER)  # CORINE code order, as the JSON lists them

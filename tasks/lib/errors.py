@@ -135,7 +135,9 @@ def fail_fast(fail: Callable[[str], BaseException]) -> Callable[[Callable[_P, _R
     retries and backoff apply. The orchestrator's class is a parameter because tasks/ never imports Airflow."""
 
     def decorate(body: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(body)
+        # The body's name, doc and signature (through __wrapped__), not its annotations: Airflow would try to resolve
+        # the return type in this module and guess multiple_outputs from it. One XCom per task, the return value.
+        @functools.wraps(body, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
         def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             try:
                 return body(*args, **kwargs)
@@ -144,6 +146,7 @@ def fail_fast(fail: Callable[[str], BaseException]) -> Callable[[Callable[_P, _R
                     raise
                 raise fail(f"{type(exc).__name__} (permanent, not retried): {exc}") from exc
 
+        run.__annotations__ = {}  # neither the body's nor this wrapper's: see above
         return run
 
     return decorate

@@ -25,13 +25,11 @@ import numpy as np
 import pandas as pd
 
 from tasks.lib.errors import InputError
-from tasks.tile import MANIFEST_FILE as TILES_MANIFEST
-from tasks.tile import PATCH_PX
+from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
+from tasks.lib.tiles import PATCH_PX, PATCH_SHAPE, RGB_CHANNELS, PatchReader
 
 log = logging.getLogger(__name__)
 
-RGB_CHANNELS = ["B04", "B03", "B02"]
-PATCH_SHAPE = (PATCH_PX, PATCH_PX, len(RGB_CHANNELS))
 MANIFEST_COLUMNS = ("patch_id", "label", "split", "shard", "offset")
 _STATS_CHUNK = 512  # patches per step when computing channel statistics (bounded memory on any set size)
 _PREFETCH_BATCHES = 2  # a batch is gathered in a few ms per core, a training step takes far longer
@@ -60,49 +58,26 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return frame
 
 
-class PatchSource:
-    """Memory-mapped shards of one tiles directory, gathered by manifest row (shard, offset)."""
+def open_tiles(tiles: Path) -> PatchReader:
+    """The tile step's output as training reads it: R, G, B shards, gathered by manifest row (shard, offset).
 
-    def __init__(self, tiles: Path) -> None:
-        manifest_path = tiles / TILES_MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError as exc:
-            raise InputError(f"{manifest_path}: not found (expected the tile step's output)") from exc
-        if manifest.get("channels") != RGB_CHANNELS:
-            raise InputError(
-                f"{manifest_path}: the classifier takes R, G, B tiles ({', '.join(RGB_CHANNELS)}), these hold "
-                f"{manifest.get('channels')}; tile with tile.bands=rgb"
-            )
-        self.tiles = tiles
-        self._shards: dict[str, np.ndarray] = {}
-
-    def _shard(self, name: str) -> np.ndarray:
-        if name not in self._shards:
-            path = self.tiles / name
-            try:
-                self._shards[name] = np.load(path, mmap_mode="r")
-            except FileNotFoundError as exc:
-                raise InputError(f"{path}: shard named by the manifest does not exist") from exc
-        return self._shards[name]
-
-    def gather(self, shards: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Patches (n, 120, 120, 3) uint16 for rows given as shard names and offsets, in the order given."""
-        out = np.empty((len(offsets), PATCH_PX, PATCH_PX, len(RGB_CHANNELS)), dtype=np.uint16)
-        for name in np.unique(shards):
-            rows = np.flatnonzero(shards == name)
-            shard = self._shard(str(name))
-            wanted = offsets[rows]
-            if wanted.max(initial=-1) >= len(shard):
-                raise InputError(f"{self.tiles / str(name)}: offset {wanted.max()} beyond its {len(shard)} patches")
-            out[rows] = shard[wanted]
-        return out
-
-    def frame_patches(self, frame: pd.DataFrame) -> np.ndarray:
-        return self.gather(frame["shard"].to_numpy(dtype=object), frame["offset"].to_numpy(dtype=np.int64))
+    Raises:
+        InputError: no tiles.json, or tiles of other channels.
+    """
+    manifest_path = tiles / TILES_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"{manifest_path}: not found (expected the tile step's output)") from exc
+    if manifest.get("channels") != list(RGB_CHANNELS):
+        raise InputError(
+            f"{manifest_path}: the classifier takes R, G, B tiles ({', '.join(RGB_CHANNELS)}), these hold "
+            f"{manifest.get('channels')}; tile with tile.bands=rgb"
+        )
+    return PatchReader(tiles)
 
 
-def channel_moments(source: PatchSource, frame: pd.DataFrame) -> tuple[list[float], list[float]]:
+def channel_moments(source: PatchReader, frame: pd.DataFrame) -> tuple[list[float], list[float]]:
     """Per-channel mean and variance of the patches in `frame` (the train split: never val or test)."""
     total = np.zeros(len(RGB_CHANNELS))
     squares = np.zeros(len(RGB_CHANNELS))
@@ -125,8 +100,8 @@ class PipelineSettings:
     shuffle_buffer: int = 4096
 
 
-def dataset(source: PatchSource, frame: pd.DataFrame, settings: PipelineSettings) -> Any:
-    """A tf.data.Dataset of (float32 patches (b, 120, 120, 3), float32 labels (b,)) over `frame`'s rows."""
+def dataset(source: PatchReader, frame: pd.DataFrame, settings: PipelineSettings) -> Any:
+    """A tf.data.Dataset of (float32 patches (b, *PATCH_SHAPE), float32 labels (b,)) over `frame`'s rows."""
     import tensorflow as tf
 
     shards = frame["shard"].to_numpy(dtype=object)
@@ -141,7 +116,7 @@ def dataset(source: PatchSource, frame: pd.DataFrame, settings: PipelineSettings
 
     def load(rows: Any, draw: Any) -> tuple[Any, Any]:
         images, batch_labels = tf.numpy_function(gather, [rows, draw], (tf.float32, tf.float32), stateful=False)
-        images.set_shape([None, PATCH_PX, PATCH_PX, len(RGB_CHANNELS)])
+        images.set_shape([None, *PATCH_SHAPE])
         batch_labels.set_shape([None])
         return images, batch_labels
 

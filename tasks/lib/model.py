@@ -14,9 +14,8 @@ from pydantic import Field, field_validator
 
 from tasks.lib.config import StepParams
 from tasks.lib.errors import ConfigError
-from tasks.tile import PATCH_PX
+from tasks.lib.tiles import PATCH_SHAPE
 
-INPUT_SHAPE = (PATCH_PX, PATCH_PX, 3)
 _BACKBONES = {"mobilenet_v2": "MobileNetV2", "resnet50_v2": "ResNet50V2"}
 
 
@@ -59,11 +58,11 @@ def describe(params: ModelParams) -> dict[str, Any]:
 
 
 def build_model(params: ModelParams, mean: list[float], variance: list[float]) -> Any:
-    """A Keras model from raw (n, 120, 120, 3) float reflectance to the probability of cloud (n, 1)."""
+    """A Keras model from raw (n, *PATCH_SHAPE) float reflectance to the probability of cloud (n, 1)."""
     import keras
     from keras import layers
 
-    inputs = keras.Input(shape=INPUT_SHAPE, name="rgb")
+    inputs = keras.Input(shape=PATCH_SHAPE, name="rgb")
     x = layers.Normalization(mean=mean, variance=variance, name="train_split_normalisation")(inputs)
     if params.architecture == "cnn":
         for layer in params.conv_layers:
@@ -109,7 +108,7 @@ def _backbone(params: ModelParams) -> Any:
         backbone = factory(
             include_top=False,
             weights=str(params.weights) if params.weights else None,
-            input_shape=INPUT_SHAPE,
+            input_shape=PATCH_SHAPE,
             pooling="avg",
         )
     except ValueError as exc:

@@ -10,7 +10,7 @@ and writes its own under `data_root`:
     checkpoints/<run>/          the trainer's resumable state for one training DAG run
 
 so concurrent backfills never touch each other's files, and a re-run finds its completed steps and skips them (each
-step's own idempotency). Each function returns a JSON-able dict: the task's XCom.
+step's own idempotency). Each function returns a JSON-able dict, the task's XCom, shaped as tasks.lib.xcoms declares.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
+from tasks.lib import xcoms
 from tasks.lib.config import StepParams, default_params, load_section
 from tasks.lib.errors import ConfigError, PipelineError
 from tasks.lib.files import jsonable, write_json
@@ -156,7 +157,7 @@ def resolve_data_root(params: PipelineParams, run: Run | None = None) -> Path:
 # --- refresh: download → validate → tile → sample → version -------------------------------------------------------
 
 
-def download_step(run: Run, *, source: str | None = None, checksum_url: str | None = None) -> dict[str, Any]:
+def download_step(run: Run, *, source: str | None = None, checksum_url: str | None = None) -> xcoms.Fetched:
     """Download the snapshot's archive. `source` is a download.sources name or a URL; `{snapshot}` in a URL (or in
     the checksum URL) becomes the snapshot key, so each interval can fetch its own archive."""
     from tasks.download import DownloadParams, download, resolve_request
@@ -174,10 +175,10 @@ def download_step(run: Run, *, source: str | None = None, checksum_url: str | No
         params=params,
     )
     fetched = download(url=url, dest=run.dir("raw"), checksum=checksum, params=params)
-    return {"url": url, "patches": str(fetched.root), "archive": str(fetched.archive), "skipped": fetched.skipped}
+    return xcoms.Fetched(url=url, patches=str(fetched.root), archive=str(fetched.archive), skipped=fetched.skipped)
 
 
-def validate_step(run: Run, *, patches: str) -> dict[str, Any]:
+def validate_step(run: Run, *, patches: str) -> xcoms.Validated:
     """Validate the downloaded patches; fail (naming the report) when more than the allowed share is quarantined."""
     from tasks.validate import DATA_DOCS_INDEX, ValidateParams, validate
 
@@ -188,25 +189,25 @@ def validate_step(run: Run, *, patches: str) -> dict[str, Any]:
             f"{result.report_path}: validation failed ({len(report['quarantined'])} of {report['checked']} patches "
             f"quarantined; suite {'passed' if report['suite_success'] else 'failed'}); see its Data Docs"
         )
-    return {
-        "report": str(result.report_path),
-        "data_docs": str(result.report_path.parent / DATA_DOCS_INDEX),
-        "checked": report["checked"],
-        "valid": report["valid"],
-        "quarantined": len(report["quarantined"]),
-        "skipped": result.skipped,
-    }
+    return xcoms.Validated(
+        report=str(result.report_path),
+        data_docs=str(result.report_path.parent / DATA_DOCS_INDEX),
+        checked=report["checked"],
+        valid=report["valid"],
+        quarantined=len(report["quarantined"]),
+        skipped=result.skipped,
+    )
 
 
-def tile_step(run: Run, *, patches: str, report: str) -> dict[str, Any]:
+def tile_step(run: Run, *, patches: str, report: str) -> xcoms.Tiled:
     """Tile the valid patches into band shards (quarantined ones left out, as the report says)."""
     from tasks.tile import TileParams, tile
 
     result = tile(patches=Path(patches), out=run.dir("tiles"), params=run.load("tile", TileParams), report=Path(report))
-    return {"tiles": str(result.out), "patches": result.patches, "shards": result.shards, "skipped": result.skipped}
+    return xcoms.Tiled(tiles=str(result.out), patches=result.patches, shards=result.shards, skipped=result.skipped)
 
 
-def sample_step(run: Run, *, tiles: str) -> dict[str, Any]:
+def sample_step(run: Run, *, tiles: str) -> xcoms.Sampled:
     """Draw every dataset (small, large) with its natural-prevalence set."""
     from tasks.sample import DATASETS, SampleParams, sample
 
@@ -214,17 +215,17 @@ def sample_step(run: Run, *, tiles: str) -> dict[str, Any]:
     sets = {}
     for name in DATASETS:
         result = sample(tiles=Path(tiles), out=run.dir("samples"), dataset=name, params=params)
-        sets[name] = {
-            "manifest": str(result.manifest_path),
-            "patches": result.summary["patches"],
-            "natural_patches": result.summary["natural"]["patches"],
-            "natural_prevalence": result.summary["natural"]["prevalence"],
-            "skipped": result.skipped,
-        }
-    return {"samples": str(run.dir("samples")), "sets": sets}
+        sets[name] = xcoms.SampledSet(
+            manifest=str(result.manifest_path),
+            patches=result.summary["patches"],
+            natural_patches=result.summary["natural"]["patches"],
+            natural_prevalence=result.summary["natural"]["prevalence"],
+            skipped=result.skipped,
+        )
+    return xcoms.Sampled(samples=str(run.dir("samples")), sets=sets)
 
 
-def version_step(run: Run, *, tiles: str, samples: Mapping[str, Any], as_of: dt.datetime) -> dict[str, Any]:
+def version_step(run: Run, *, tiles: str, samples: xcoms.Sampled, as_of: dt.datetime) -> xcoms.SnapshotRecord:
     """Push the snapshot's tiles and samples to the DVC remote and write the snapshot record training is pinned to.
 
     `as_of` orders snapshots (the end of the run's data interval, or when a manual run ran): the latest is what a
@@ -239,15 +240,15 @@ def version_step(run: Run, *, tiles: str, samples: Mapping[str, Any], as_of: dt.
         out=run.dir("versions"),
         params=run.load("versioning", VersioningParams),
     )
-    record = {
-        "snapshot": run.snapshot,
-        "as_of": as_of.astimezone(dt.UTC).isoformat(),
-        "data_version": pushed.data.version,
-        "remote": pushed.remote,
-        "tiles": tiles,
-        "manifests": {name: s["manifest"] for name, s in samples["sets"].items()},
-        "version_record": str(pushed.record),
-    }
+    record = xcoms.SnapshotRecord(
+        snapshot=run.snapshot,
+        as_of=as_of.astimezone(dt.UTC).isoformat(),
+        data_version=pushed.data.version,
+        remote=pushed.remote,
+        tiles=tiles,
+        manifests={name: s["manifest"] for name, s in samples["sets"].items()},
+        version_record=str(pushed.record),
+    )
     write_json(run.record_path, record)
     log.info("snapshot %s is data version %s (record %s)", run.snapshot, pushed.data.version, run.record_path)
     return record
@@ -256,7 +257,7 @@ def version_step(run: Run, *, tiles: str, samples: Mapping[str, Any], as_of: dt.
 # --- training: which data, train, evaluate, gate, summary -------------------------------------------------------
 
 
-def snapshot_records(data_root: Path) -> list[dict[str, Any]]:
+def snapshot_records(data_root: Path) -> list[xcoms.SnapshotRecord]:
     """Every refreshed snapshot's record, oldest first."""
     records = []
     for path in sorted((data_root / SNAPSHOTS_DIR).glob("*.json")):
@@ -277,7 +278,7 @@ def check_training_form(*, force_promote: bool, reason: str | None) -> None:
 
 def training_data(
     run: Run, *, snapshot: str | None = None, events: Iterable[Mapping[str, Any]] = (), dataset: str | None = None
-) -> dict[str, Any]:
+) -> xcoms.TrainingData:
     """The snapshot a training run trains on, pinned to its data version.
 
     In order: the snapshot named in the trigger form; else the newest snapshot among the asset events that triggered
@@ -310,16 +311,16 @@ def training_data(
     manifest, tiles = Path(record["manifests"][dataset]), Path(record["tiles"])
     if not (manifest.is_file() and tiles.is_dir()):
         manifest, tiles = _restore(run, record, dataset)
-    return {
-        "snapshot": record["snapshot"],
-        "data_version": record["data_version"],
-        "dataset": dataset,
-        "manifest": str(manifest),
-        "tiles": str(tiles),
-    }
+    return xcoms.TrainingData(
+        snapshot=record["snapshot"],
+        data_version=record["data_version"],
+        dataset=dataset,
+        manifest=str(manifest),
+        tiles=str(tiles),
+    )
 
 
-def _restore(run: Run, record: Mapping[str, Any], dataset: str) -> tuple[Path, Path]:
+def _restore(run: Run, record: xcoms.SnapshotRecord, dataset: str) -> tuple[Path, Path]:
     from tasks.versioning import SAMPLES_DIR, TILES_DIR, VersioningParams, restore
 
     dest = run.data_root / "restored" / record["data_version"]
@@ -346,8 +347,8 @@ def training_overrides(
 
 
 def plan_training(
-    run: Run, *, data: Mapping[str, Any], dag_id: str | None = None, dag_run_id: str | None = None
-) -> dict[str, Any]:
+    run: Run, *, data: xcoms.TrainingData, dag_id: str | None = None, dag_run_id: str | None = None
+) -> xcoms.TrainingPlan:
     """What every backend trains: the pinned data, this run's overrides, the local checkpoint, the lineage; and the
     trainer image's arguments for the Kubernetes backend (its operator takes them from this task's result)."""
     from tasks.lib.backends import POD_XCOM_FILE, BackendsParams, TrainingRequest
@@ -365,13 +366,13 @@ def plan_training(
         dag_run_id=dag_run_id,
     )
     kubernetes = run.load("backends", BackendsParams).kubernetes
-    return {
-        "request": request.to_json(),
-        "kubernetes_arguments": request.remote_arguments(kubernetes.data_dir, POD_XCOM_FILE),
-    }
+    return xcoms.TrainingPlan(
+        request=request.to_json(),
+        kubernetes_arguments=request.remote_arguments(kubernetes.data_dir, POD_XCOM_FILE),
+    )
 
 
-def train_step(run: Run, *, plan: Mapping[str, Any], backend: str) -> dict[str, Any]:
+def train_step(run: Run, *, plan: xcoms.TrainingPlan, backend: str) -> xcoms.Trained:
     """Run the trainer on the local or docker backend (kubernetes runs in its own operator); its result."""
     from tasks.lib.backends import BackendsParams, TrainingRequest, run_docker, run_local
 
@@ -383,7 +384,7 @@ def train_step(run: Run, *, plan: Mapping[str, Any], backend: str) -> dict[str, 
     raise ConfigError(f"training backend {backend!r}: this step runs local and docker (known: {', '.join(BACKENDS)})")
 
 
-def evaluate_step(run: Run, *, run_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
+def evaluate_step(run: Run, *, run_id: str, data: xcoms.TrainingData) -> xcoms.Evaluated:
     """Evaluate the trained model on the snapshot's val, test and natural sets; everything is logged to its run."""
     from tasks.evaluate import EvaluateParams, evaluate
     from tasks.lib import tracking
@@ -395,12 +396,13 @@ def evaluate_step(run: Run, *, run_id: str, data: Mapping[str, Any]) -> dict[str
         params=run.load("evaluate", EvaluateParams),
         log_to_run=run_id,
     )
-    return {"run_id": run_id, "threshold": result.threshold, "metrics": jsonable(result.metrics)}
+    return xcoms.Evaluated(run_id=run_id, threshold=result.threshold, metrics=jsonable(result.metrics))
 
 
-def gate_step(run: Run, *, run_id: str, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+def gate_step(run: Run, *, run_id: str, force: bool = False, reason: str | None = None) -> xcoms.GateDecision:
     """Promote the challenger or keep the champion; the verdict, reasons included, is the result."""
-    from tasks.gate import GateParams, gate
+    from tasks.gate import gate
+    from tasks.lib.gate_rules import GateParams
     from tasks.train import TrainParams
 
     verdict = gate(
@@ -410,14 +412,14 @@ def gate_step(run: Run, *, run_id: str, force: bool = False, reason: str | None 
         force=force,
         reason=reason or None,
     )
-    return {
-        "decision": verdict.decision,
-        "promoted": verdict.promoted,
-        "reasons": list(verdict.reasons),
-        "challenger_version": verdict.challenger.get("version"),
-        "champion_version": (verdict.champion or {}).get("version"),
-        "registry": verdict.registry,
-    }
+    return xcoms.GateDecision(
+        decision=verdict.decision,
+        promoted=verdict.promoted,
+        reasons=list(verdict.reasons),
+        challenger_version=verdict.challenger.get("version"),
+        champion_version=(verdict.champion or {}).get("version"),
+        registry=verdict.registry,
+    )
 
 
 def run_link(tracking_uri: str, run_id: str, ui_url: str | None = None) -> str:
@@ -434,12 +436,12 @@ def run_link(tracking_uri: str, run_id: str, ui_url: str | None = None) -> str:
 def summarize(
     run: Run,
     *,
-    data: Mapping[str, Any],
-    trained: Mapping[str, Any],
-    evaluation: Mapping[str, Any],
-    verdict: Mapping[str, Any],
+    data: xcoms.TrainingData,
+    trained: xcoms.Trained,
+    evaluation: xcoms.Evaluated,
+    verdict: xcoms.GateDecision,
     backend: str,
-) -> dict[str, Any]:
+) -> xcoms.TrainingSummary:
     """The training run in a few lines: data, MLflow run, the numbers the gate judged, the verdict and why."""
     import mlflow
 
@@ -462,13 +464,13 @@ def summarize(
     ]
     text = "\n".join(lines)
     log.info("training run summary:\n%s", text)
-    return {
-        "text": text,
-        "mlflow_run": link,
-        "run_id": trained["run_id"],
-        "model_version": trained.get("model_version"),
-        "decision": verdict["decision"],
-        "reasons": verdict["reasons"],
-        "snapshot": data["snapshot"],
-        "data_version": data["data_version"],
-    }
+    return xcoms.TrainingSummary(
+        text=text,
+        mlflow_run=link,
+        run_id=trained["run_id"],
+        model_version=trained.get("model_version"),
+        decision=verdict["decision"],
+        reasons=verdict["reasons"],
+        snapshot=data["snapshot"],
+        data_version=data["data_version"],
+    )

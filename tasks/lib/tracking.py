@@ -1,4 +1,4 @@
-"""MLflow names shared by train, evaluate and gate: artifact paths, registry aliases, lineage tag keys.
+"""MLflow names shared by train, evaluate and gate: artifact paths, registry aliases, lineage tag keys, model URIs.
 
 The contract every logged classifier keeps (the CNN, its transfer variants and the SGD baseline alike): the run's
 `model` artifact is an MLflow pyfunc model whose `predict` takes raw uint16 patches of shape (n, 120, 120, 3) in
@@ -9,15 +9,18 @@ of `cloud`. Normalisation is packaged inside the model, so callers never normali
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from tasks.lib.errors import CloudscreenError
+from tasks.lib.errors import CloudscreenError, EvaluationError
 
 MODEL_ARTIFACT = "model"  # the pyfunc model that takes raw uint16 patches
 KERAS_ARTIFACT = "keras_model"  # the same network in the Keras flavor, for Keras users
 EVALUATION_DIR = "evaluation"  # artifacts written by tasks.evaluate
+METRICS_FILE = "metrics.json"  # in EVALUATION_DIR: every number of the evaluation; what the gate reads
+PREDICTIONS_FILE = "predictions.parquet"  # in EVALUATION_DIR: one score per patch; what the gate's paired test reads
 GATE_FILE = "gate.json"  # the verdict tasks.gate writes to the challenger's run
 
 CHALLENGER = "challenger"
@@ -59,6 +62,42 @@ def run_model_uri(run_id: str) -> str:
     if found:
         return f"models:/{found[0].model_id}"
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
+
+
+def model_run_id(model_uri: str) -> str:
+    """The MLflow run a model belongs to: the run of `runs:/ID/...`, the source run of a registered version
+    (`models:/name@alias`, `models:/name/version`) or of a logged model (`models:/m-...`).
+
+    Raises:
+        EvaluationError: the URI has another form, or names a model or version the registry does not hold.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if match := _RUNS_URI.match(model_uri):
+        return match["run_id"]
+    match = _MODELS_URI.match(model_uri)
+    if not match:
+        raise EvaluationError(
+            f"model {model_uri!r}: expected runs:/ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    client = MlflowClient()
+    try:
+        if match["alias"]:
+            run_id = client.get_model_version_by_alias(match["name"], match["alias"]).run_id
+        elif match["version"]:
+            run_id = client.get_model_version(match["name"], match["version"]).run_id
+        else:
+            run_id = client.get_logged_model(match["name"]).source_run_id
+    except MlflowException as exc:
+        raise EvaluationError(f"model {model_uri!r}: {exc.message}") from exc
+    if not run_id:
+        raise EvaluationError(f"model {model_uri!r}: has no source run to log the evaluation to")
+    return run_id
 
 
 @dataclass(frozen=True)

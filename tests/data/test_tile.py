@@ -10,16 +10,8 @@ import tifffile
 
 from tasks.lib import bigearthnet as ben
 from tasks.lib.config import load_section
-from tasks.tile import (
-    INDEX_FILE,
-    MANIFEST_FILE,
-    METADATA_FILE,
-    STATS_FILE,
-    TileParams,
-    TilingError,
-    load_patches,
-    tile,
-)
+from tasks.lib.tiles import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, STATS_FILE, load_patches
+from tasks.tile import TileParams, TilingError, tile
 from tasks.validate import ValidateParams, validate
 
 

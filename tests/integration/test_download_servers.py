@@ -13,19 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import (
-    EXTRACTED_DIR,
-    MANIFEST_NAME,
-    PART_SUFFIX,
-    SIDECAR_SUFFIX,
-    Checksum,
-    DownloadParams,
-    download,
-    resolve_request,
-)
+from tasks.download import EXTRACTED_DIR, MANIFEST_NAME, DownloadParams, download, resolve_request
 from tasks.lib.bigearthnet import EXAMPLE_TOP_FOLDER, example_archive
+from tasks.lib.checksums import Checksum
 from tasks.lib.config import load_section
-from tasks.lib.errors import ChecksumMismatchError, DownloadError
+from tasks.lib.errors import ChecksumMismatchError, DownloadError, SourceUnavailableError, is_permanent
+from tasks.lib.transports import PART_SUFFIX, SIDECAR_SUFFIX
 
 pytestmark = pytest.mark.integration
 
@@ -204,6 +197,75 @@ def test_checksum_url_over_http(tmp_path: Path, http_server) -> None:
     _assert_example(result.root, tmp_path / "dest")
 
 
+# --- whether a failure is worth retrying later (SourceUnavailableError) or not ---------------------------
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_source_that_keeps_failing_is_a_transient_error(tmp_path: Path, http_server, status: int) -> None:
+    url = _serve_example(http_server)
+    http_server.fail_next = [status] * 3
+    dest = tmp_path / "dest"
+
+    with pytest.raises(SourceUnavailableError, match=rf"{re.escape(url)}: failed after 3 attempt.*HTTP {status}") as e:
+        download(url=url, dest=dest, checksum=Checksum("md5", MD5), params=_params(retries=2))
+
+    assert e.value.transient and not is_permanent(e.value)
+    assert len(http_server.requests) == 3
+    assert not (dest / MANIFEST_NAME).exists()
+
+
+def test_a_refused_connection_on_every_attempt_is_a_transient_error(tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/{NAME}"
+        with pytest.raises(SourceUnavailableError, match="ConnectionError") as e:
+            download(url=url, dest=tmp_path / "dest", checksum=Checksum("md5", MD5), params=_params(retries=1))
+    assert e.value.transient
+
+
+def test_a_checksum_url_that_keeps_failing_is_a_transient_error(http_server) -> None:
+    url = _serve_example(http_server)
+    (http_server.root / "SHA256SUMS").write_text(f"{SHA256}  {NAME}\n")
+    http_server.fail_next = [503] * 2
+    sums = http_server.url("SHA256SUMS")
+
+    with pytest.raises(SourceUnavailableError, match=rf"{re.escape(sums)}: failed after 2 attempt.*HTTP 503") as e:
+        resolve_request(url=url, source=None, checksum_url=sums, params=_params(retries=1))
+    assert e.value.transient
+
+
+def test_404_is_a_permanent_error(tmp_path: Path, http_server) -> None:
+    url = http_server.url("missing.tar.gz")
+
+    with pytest.raises(DownloadError, match=rf"{re.escape(url)}: HTTP 404") as e:
+        download(url=url, dest=tmp_path / "dest", checksum=Checksum("md5", MD5), params=_params(retries=3))
+
+    assert not isinstance(e.value, SourceUnavailableError)
+    assert not e.value.transient and is_permanent(e.value)
+    assert len(http_server.requests) == 1
+
+
+def test_a_missing_checksum_file_is_a_permanent_error(http_server) -> None:
+    url = _serve_example(http_server)
+    sums = http_server.url("SHA256SUMS")
+
+    with pytest.raises(DownloadError, match=rf"{re.escape(sums)}: HTTP 404") as e:
+        resolve_request(url=url, source=None, checksum_url=sums, params=_params(retries=3))
+
+    assert not e.value.transient and is_permanent(e.value)
+    assert len(http_server.requests) == 1
+
+
+def test_a_checksum_mismatch_over_http_is_a_permanent_error(tmp_path: Path, http_server) -> None:
+    url = _serve_example(http_server)
+
+    with pytest.raises(ChecksumMismatchError) as e:
+        download(url=url, dest=tmp_path / "dest", checksum=Checksum("sha256", "0" * 64), params=_params(retries=3))
+
+    assert not e.value.transient and is_permanent(e.value)
+    assert len(http_server.requests) == 1  # not retried
+
+
 # --- gs:// against gcp-storage-emulator -----------------------------------------------------------------
 
 
@@ -280,6 +342,20 @@ def test_gs_transient_errors_are_retried(tmp_path: Path, http_server, monkeypatc
     with pytest.raises(DownloadError, match=rf"{re.escape(url)}: no such object"):
         download(url=url, dest=tmp_path / "dest", checksum=Checksum("md5", MD5), params=_params(retries=3))
     # Only object requests count: the client also fetches bucket metadata in a background thread.
+    assert len([r for r in http_server.requests if r.path.startswith(object_path)]) == 2
+
+
+def test_gs_source_that_keeps_failing_is_a_transient_error(
+    tmp_path: Path, http_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", http_server.base_url)
+    object_path = f"/storage/v1/b/cloudscreen/o/{NAME}"
+    http_server.fail_next, http_server.fail_prefix = [503] * 2, object_path
+    url = f"gs://cloudscreen/{NAME}"
+
+    with pytest.raises(SourceUnavailableError, match=rf"{re.escape(url)}: failed after 2 attempt") as e:
+        download(url=url, dest=tmp_path / "dest", checksum=Checksum("md5", MD5), params=_params(retries=1))
+    assert e.value.transient
     assert len([r for r in http_server.requests if r.path.startswith(object_path)]) == 2
 
 

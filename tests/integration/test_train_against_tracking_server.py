@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from tasks.lib import tracking
-from tasks.tile import load_patches
+from tasks.lib.tiles import load_patches
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,8 +9,9 @@ import pytest
 from tasks.baseline import BaselineParams, baseline
 from tasks.lib import tracking
 from tasks.lib.config import load_section
-from tasks.tile import load_patches
-from tasks.train import CostParams, TrainParams
+from tasks.lib.tiles import load_patches
+from tasks.lib.training_runs import CostParams
+from tasks.train import TrainParams
 
 pytestmark = pytest.mark.slow
 

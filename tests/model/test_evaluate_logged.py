@@ -18,7 +18,17 @@ from sklearn import metrics as skm
 from tasks import evaluate as ev
 from tasks.lib.config import load_section
 from tasks.lib.errors import EvaluationError
-from tasks.lib.tracking import CHAMPION, EVALUATION_DIR, MODEL_ARTIFACT, run_model_uri
+from tasks.lib.metrics import OPERATING_THRESHOLD, TARGET_RECALL
+from tasks.lib.thresholds import operating_threshold
+from tasks.lib.tracking import (
+    CHAMPION,
+    EVALUATION_DIR,
+    METRICS_FILE,
+    MODEL_ARTIFACT,
+    PREDICTIONS_FILE,
+    model_run_id,
+    run_model_uri,
+)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -106,8 +116,8 @@ def test_the_run_holds_every_metric_of_the_result(evaluation, logged):
         assert same(logged_metrics[name], float(value)), name
     for name in ("test_op_recall", "test_t50_precision", "natural_op_precision", "test_roc_auc", "val_op_recall"):
         assert name in logged_metrics
-    assert logged_metrics[ev.OPERATING_THRESHOLD] == pytest.approx(evaluation.threshold)
-    assert logged_metrics[ev.TARGET_RECALL] == pytest.approx(0.958)
+    assert logged_metrics[OPERATING_THRESHOLD] == pytest.approx(evaluation.threshold)
+    assert logged_metrics[TARGET_RECALL] == pytest.approx(0.958)
 
 
 def test_metrics_agree_with_scikit_learn_on_the_predictions(evaluation, training_data):
@@ -124,7 +134,7 @@ def test_metrics_agree_with_scikit_learn_on_the_predictions(evaluation, training
 
     val = predictions[predictions["set"] == "val"]
     confidence = evaluation.summary["threshold"]["confidence"]  # params.yaml's evaluate.threshold_confidence
-    threshold = ev.operating_threshold(val["label"].to_numpy(), val["score"].to_numpy(), 0.958, confidence)
+    threshold = operating_threshold(val["label"].to_numpy(), val["score"].to_numpy(), 0.958, confidence)
     assert evaluation.threshold == threshold
     assert evaluation.metrics["val_op_recall"] >= 0.958
     for name in ("test", "natural"):
@@ -165,13 +175,13 @@ def test_artifacts_are_all_there_and_readable(downloaded, evaluation, training_d
     for plot in (ev.THRESHOLD_PLOT, ev.PR_CURVE_PLOT, ev.CONFUSION_PLOT, ev.WORST_ERRORS_PLOT):
         assert (downloaded / plot).read_bytes()[:8] == PNG_MAGIC, plot
         assert imread(downloaded / plot).shape[2] in (3, 4), plot  # decodes as an image
-    predictions = pd.read_parquet(downloaded / ev.PREDICTIONS_FILE)
+    predictions = pd.read_parquet(downloaded / PREDICTIONS_FILE)
     assert list(predictions.columns) == ["patch_id", "set", "label", "score", "season", "country"]
     pd.testing.assert_frame_equal(predictions, evaluation.predictions)
     slices = pd.read_parquet(downloaded / ev.SLICES_FILE)
     assert len(slices) == len(evaluation.slices) and {"set", "column", "value", "patches"} <= set(slices.columns)
 
-    summary = json.loads((downloaded / ev.METRICS_FILE).read_text())
+    summary = json.loads((downloaded / METRICS_FILE).read_text())
     assert summary["threshold"]["operating"] == evaluation.threshold
     assert summary["threshold"]["target_recall"] == 0.958
     assert summary["data"]["manifest"] == str(training_data.manifest("small").resolve())
@@ -196,14 +206,14 @@ def test_tags_record_the_model_and_data(evaluation, training_data):
 
 def test_model_uris_lead_to_their_source_run(logged):
     run_id = logged["run_id"]
-    assert ev.model_run_id(run_model_uri(run_id)) == run_id
-    assert ev.model_run_id(f"models:/{REGISTERED}@{CHAMPION}") == run_id
-    assert ev.model_run_id(f"models:/{REGISTERED}/{logged['version']}") == run_id
-    assert ev.model_run_id(logged["logged_uri"]) == run_id  # MLflow 3's logged model, models:/m-...
+    assert model_run_id(run_model_uri(run_id)) == run_id
+    assert model_run_id(f"models:/{REGISTERED}@{CHAMPION}") == run_id
+    assert model_run_id(f"models:/{REGISTERED}/{logged['version']}") == run_id
+    assert model_run_id(logged["logged_uri"]) == run_id  # MLflow 3's logged model, models:/m-...
     with pytest.raises(EvaluationError, match="nosuchalias"):
-        ev.model_run_id(f"models:/{REGISTERED}@nosuchalias")
+        model_run_id(f"models:/{REGISTERED}@nosuchalias")
     with pytest.raises(EvaluationError, match="expected runs:/ID/PATH"):
-        ev.model_run_id("s3://bucket/model")
+        model_run_id("s3://bucket/model")
 
 
 def test_without_a_run_nothing_is_logged(evaluation, logged, training_data, params):
@@ -256,7 +266,7 @@ def test_cli_evaluates_a_registered_alias_and_prints_a_summary(evaluation, logge
     summary = json.loads(done.stdout)
     assert summary["run_id"] == logged["run_id"]
     assert summary["model_uri"] == f"models:/{REGISTERED}@{CHAMPION}"
-    assert summary[ev.OPERATING_THRESHOLD] == pytest.approx(evaluation.threshold)
+    assert summary[OPERATING_THRESHOLD] == pytest.approx(evaluation.threshold)
     assert summary["test_op_recall"] == pytest.approx(evaluation.metrics["test_op_recall"])
     history = MlflowClient().get_metric_history(logged["run_id"], "test_op_recall")
     assert len(history) >= 2  # logged again to the alias's source run

@@ -23,21 +23,12 @@ import pytest
 from mlflow.pyfunc import PythonModel
 
 from tasks.evaluate import EvaluateParams, evaluate
-from tasks.gate import (
-    BOOTSTRAP,
-    FORCED,
-    PROMOTE,
-    REJECT,
-    TAG_GATE_BY,
-    TAG_GATE_OVERRIDE,
-    TAG_GATE_REPLACED,
-    TAG_GATE_ROLLED_BACK,
-    GateParams,
-    gate,
-    rollback,
-)
+from tasks.gate import gate, rollback
 from tasks.lib.config import load_section
 from tasks.lib.errors import GateError
+from tasks.lib.gate_rules import BOOTSTRAP, FORCED, PROMOTE, REJECT, GateParams
+from tasks.lib.registry import TAG_GATE_BY, TAG_GATE_OVERRIDE, TAG_GATE_REPLACED, TAG_GATE_ROLLED_BACK
+from tasks.lib.tiles import load_patches
 from tasks.lib.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -50,7 +41,7 @@ from tasks.lib.tracking import (
 )
 from tasks.mirror import build_mirror
 from tasks.sample import NATURAL_FILE, SampleParams, sample
-from tasks.tile import TileParams, load_patches, tile
+from tasks.tile import TileParams, tile
 from tasks.train import TrainParams
 from tests.conftest import REPO, extract, mirror_params
 

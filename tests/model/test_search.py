@@ -16,8 +16,9 @@ from tasks.lib.config import load_section
 from tasks.lib.errors import ConfigError
 from tasks.lib.inputs import InputError
 from tasks.lib.model import ModelParams
+from tasks.lib.training_runs import CostParams
 from tasks.search import PLOT_FILE, SEARCH_DIR, TRIALS_FILE, SearchParams, search
-from tasks.train import CostParams, TrainParams
+from tasks.train import TrainParams
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

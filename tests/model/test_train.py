@@ -17,8 +17,9 @@ import pytest
 from tasks.lib import tracking
 from tasks.lib.config import load_section
 from tasks.lib.model import ModelParams
-from tasks.tile import load_patches
-from tasks.train import RUN_STATE_FILE, CostParams, TrainParams, train
+from tasks.lib.tiles import load_patches
+from tasks.lib.training_runs import CostParams
+from tasks.train import RUN_STATE_FILE, TrainParams, train
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

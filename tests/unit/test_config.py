@@ -13,13 +13,14 @@ def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.baseline import BaselineParams
     from tasks.download import DownloadParams
     from tasks.evaluate import EvaluateParams
-    from tasks.gate import GateParams
     from tasks.lib.backends import BackendsParams
+    from tasks.lib.gate_rules import GateParams
     from tasks.lib.model import ModelParams
     from tasks.lib.pipeline import PipelineParams
+    from tasks.lib.training_runs import CostParams
     from tasks.search import SearchParams
     from tasks.tile import TileParams
-    from tasks.train import CostParams, TrainParams
+    from tasks.train import TrainParams
     from tasks.versioning import VersioningParams
 
     models = {

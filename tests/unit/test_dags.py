@@ -98,6 +98,22 @@ def test_io_tasks_retry_with_exponential_backoff_and_everything_has_a_timeout(re
     assert refresh.get_task("tile").execution_timeout == dt.timedelta(minutes=settings.timeout_minutes["tile"])
 
 
+def test_permanent_errors_fail_every_python_task_without_retries(refresh, training):
+    """Each Python task body is wrapped by tasks.lib.errors.fail_fast with Airflow's AirflowFailException: a permanent
+    error (bad data, bad params) fails at once, transient ones keep the task's retries (tests/e2e/test_retries.py)."""
+    import inspect
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for dag in (refresh, training):
+        for task in dag.tasks:
+            body = getattr(task, "python_callable", None)
+            if body is None or task.task_id == "choose_backend":  # the KPO runs an image; the branch only picks
+                continue
+            assert hasattr(body, "__wrapped__"), f"{dag.dag_id}.{task.task_id} is not wrapped by fail_fast"
+            assert inspect.getclosurevars(body).nonlocals["fail"] is AirflowFailException, task.task_id
+
+
 def test_every_training_backend_runs_in_the_gpu_pool(training):
     pool = load_section("pipeline", PipelineParams).gpu_pool
     for task_id in ("train_local", "train_docker", "train_kubernetes"):

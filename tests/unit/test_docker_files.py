@@ -138,7 +138,7 @@ def test_the_trainer_pod_environment_and_data_volume(pod, trainer):
 
 
 def test_the_pod_machine_and_accelerator_are_priced_in_params(trainer):
-    from tasks.train import CostParams
+    from tasks.lib.training_runs import CostParams
 
     cost = load_section("cost", CostParams)
     env = {e["name"]: e.get("value") for e in trainer["env"]}

@@ -15,21 +15,18 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tasks.download import (
-    EXTRACTED_DIR,
-    MANIFEST_NAME,
-    Checksum,
-    DownloadParams,
-    download,
-    resolve_request,
-)
+from tasks.download import EXTRACTED_DIR, MANIFEST_NAME, DownloadParams, download, resolve_request
 from tasks.lib.bigearthnet import EXAMPLE_TOP_FOLDER, example_archive
+from tasks.lib.checksums import Checksum
 from tasks.lib.config import DEFAULT_PARAMS, load_section
-from tasks.lib.errors import ChecksumMismatchError, ConfigError, DownloadError, UnsafeArchiveError
+from tasks.lib.errors import ChecksumMismatchError, ConfigError, DownloadError, UnsafeArchiveError, is_permanent
+from tasks.lib.outputs import fingerprint
 
 PARAMS = load_section("download", DownloadParams).model_copy(update={"retries": 0, "backoff_seconds": 0.0})
 EXAMPLE_PATCHES = 6
 FILES_PER_PATCH = 13  # 12 band GeoTIFFs + labels_metadata.json
+# Any archive must hold at least one folder named like a BigEarthNet patch, or the download fails.
+PATCH_ID = "S2B_MSIL2A_20180204T94161_57_38"
 
 
 def _digest(path: Path, algorithm: str) -> str:
@@ -206,6 +203,7 @@ def test_example_archive_from_a_local_file(
         "size": src.stat().st_size,
         "root": f"{EXTRACTED_DIR}/{EXAMPLE_TOP_FOLDER}",
         "members": 85,  # the top folder, 6 patch folders, 6 x 13 files
+        "input": {"fingerprint": fingerprint(src.name, algorithm, checksum.digest)},  # not the URL
     }
     assert sorted(p.name for p in dest.iterdir()) == sorted([src.name, EXTRACTED_DIR, MANIFEST_NAME])
 
@@ -337,7 +335,8 @@ def test_unsupported_urls_fail_before_fetching(tmp_path: Path, url: str, problem
 
 @pytest.mark.parametrize("compression", ["", "gz", "bz2", "zst"])
 def test_archive_types_extract_and_single_top_folder_is_the_root(tmp_path: Path, compression: str) -> None:
-    members = [_dir("top"), _dir("top/a"), _file("top/a/one.txt", b"1"), _file("top/two.txt", b"22")]
+    # top/a comes into being with its file; the explicit directory member is the patch folder.
+    members = [_dir("top"), _dir(f"top/{PATCH_ID}"), _file("top/a/one.txt", b"1"), _file("top/two.txt", b"22")]
     src = _make_tar(tmp_path / "src" / f"data{_SUFFIX[compression]}", members, compression)
     dest = tmp_path / "dest"
 
@@ -350,7 +349,7 @@ def test_archive_types_extract_and_single_top_folder_is_the_root(tmp_path: Path,
 
 
 def test_several_top_level_entries_make_extracted_the_root(tmp_path: Path) -> None:
-    src = _make_tar(tmp_path / "src" / "flat.tgz", [_file("a.txt"), _dir("b"), _file("b/c.txt")], "gz")
+    src = _make_tar(tmp_path / "src" / "flat.tgz", [_file("a.txt"), _dir(PATCH_ID), _file(f"{PATCH_ID}/c.txt")], "gz")
     dest = tmp_path / "dest"
 
     result = download(url=str(src), dest=dest, checksum=Checksum("md5", _digest(src, "md5")), params=PARAMS)
@@ -363,7 +362,7 @@ def test_multi_frame_zstd_is_read_to_the_end(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for i in range(4):
-            info, data = _file(f"top/f{i}.bin", bytes([i]) * 30_000)
+            info, data = _file(f"top/{PATCH_ID}/f{i}.bin", bytes([i]) * 30_000)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
@@ -378,7 +377,68 @@ def test_multi_frame_zstd_is_read_to_the_end(tmp_path: Path) -> None:
         url=str(src), dest=tmp_path / "dest", checksum=Checksum("sha256", _digest(src, "sha256")), params=PARAMS
     )
 
-    assert sorted(p.name for p in result.root.iterdir()) == ["f0.bin", "f1.bin", "f2.bin", "f3.bin"]
+    assert sorted(p.name for p in (result.root / PATCH_ID).iterdir()) == ["f0.bin", "f1.bin", "f2.bin", "f3.bin"]
+
+
+@pytest.mark.parametrize(
+    ("members", "found"),
+    [
+        ([_file("README.md", b"no data here")], "at its top level, which holds README.md"),
+        ([], "it is empty"),
+        ([_dir("top"), _dir("top/docs"), _file("top/README")], "in its top folder top/, which holds README, docs/"),
+        ([_dir("top"), _dir(f"top/{PATCH_ID}-copy")], f"which holds {PATCH_ID}-copy/"),  # the name must match whole
+    ],
+    ids=["readme-only", "empty", "wrapper-without-patches", "near-miss-name"],
+)
+def test_an_archive_without_patch_folders_fails_and_leaves_no_output(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], found: str
+) -> None:
+    src = _make_tar(tmp_path / "src" / "nothing.tar.gz", members, "gz")
+    dest = tmp_path / "dest"
+    checksum = Checksum("sha256", _digest(src, "sha256"))
+    problem = f"{dest / src.name}: the archive holds no BigEarthNet patch folders"
+
+    for _ in range(2):  # a rerun finds the verified archive, extracts it again and fails the same way
+        with pytest.raises(DownloadError, match=re.escape(problem)) as e:
+            download(url=str(src), dest=dest, checksum=checksum, params=PARAMS)
+        assert found in str(e.value)
+        assert not e.value.transient
+        # Only the verified archive stays: no manifest, no extracted/, no temporary extraction directory.
+        assert sorted(p.name for p in dest.iterdir()) == [src.name]
+
+
+def test_an_archive_without_patch_folders_after_a_good_download_leaves_no_manifest(tmp_path: Path) -> None:
+    good = _example_copy(tmp_path)
+    dest = tmp_path / "dest"
+    download(url=str(good), dest=dest, checksum=Checksum("md5", _digest(good, "md5")), params=PARAMS)
+    empty = _make_tar(tmp_path / "src" / "empty.tar", [])
+
+    with pytest.raises(DownloadError, match=r"empty\.tar: the archive holds no BigEarthNet patch .* \(it is empty\)"):
+        download(url=str(empty), dest=dest, checksum=Checksum("md5", _digest(empty, "md5")), params=PARAMS)
+
+    assert sorted(p.name for p in dest.iterdir()) == sorted([good.name, empty.name])  # archives only
+
+
+def test_an_archive_of_a_single_patch_folder_has_extracted_as_its_root(tmp_path: Path) -> None:
+    src = _make_tar(tmp_path / "src" / "one.tar", [_dir(PATCH_ID), _file(f"{PATCH_ID}/{PATCH_ID}_B01.tif")])
+    dest = tmp_path / "dest"
+
+    result = download(url=str(src), dest=dest, checksum=Checksum("md5", _digest(src, "md5")), params=PARAMS)
+
+    # The patch folder is data, not a wrapper around it, so validate finds it under the root.
+    assert result.root == dest / EXTRACTED_DIR
+    assert [p.name for p in result.root.iterdir()] == [PATCH_ID]
+
+
+def test_local_failures_are_permanent(tmp_path: Path) -> None:
+    src = _example_copy(tmp_path)
+    with pytest.raises(ChecksumMismatchError) as mismatch:
+        download(url=str(src), dest=tmp_path / "a", checksum=Checksum("md5", "0" * 32), params=PARAMS)
+    with pytest.raises(DownloadError, match="no such file") as missing:
+        download(url=str(tmp_path / "gone.tar"), dest=tmp_path / "b", checksum=Checksum("md5", "0" * 32), params=PARAMS)
+
+    assert not mismatch.value.transient and is_permanent(mismatch.value)
+    assert not missing.value.transient and is_permanent(missing.value)
 
 
 # --- unsafe archives ------------------------------------------------------------------------------------

@@ -13,31 +13,29 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from tasks.evaluate import (
+from tasks.evaluate import EvaluateParams, assess, evaluate, predict
+from tasks.lib.config import load_section
+from tasks.lib.errors import EvaluationError
+from tasks.lib.metrics import (
     COUNT_METRICS,
     SCORE_METRICS,
     THRESHOLD_METRICS,
-    EvaluateParams,
     as_scores,
-    assess,
     binary_metrics,
-    confusion_figure,
-    evaluate,
     metric_name,
-    operating_threshold,
-    pr_curve_figure,
-    predict,
-    recall_confidence,
-    render_rgb,
     set_metrics,
     slice_metrics,
+)
+from tasks.lib.plots import (
+    confusion_figure,
+    pr_curve_figure,
+    render_rgb,
     threshold_figure,
     worst_errors,
     worst_errors_figure,
 )
-from tasks.lib.config import load_section
-from tasks.lib.errors import EvaluationError
-from tasks.tile import INDEX_FILE
+from tasks.lib.thresholds import operating_threshold, recall_confidence
+from tasks.lib.tiles import INDEX_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

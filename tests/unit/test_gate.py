@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.evaluate import slice_metrics
-from tasks.gate import (
+from tasks.gate import gate
+from tasks.lib.config import load_section
+from tasks.lib.errors import ConfigError, GateError
+from tasks.lib.gate_rules import (
     BOOTSTRAP,
     EXACT_BELOW,
     PROMOTE,
@@ -21,15 +23,13 @@ from tasks.gate import (
     Paired,
     Verdict,
     decide,
-    gate,
     mcnemar,
     pair,
     reasons_for,
     slice_table,
     who,
 )
-from tasks.lib.config import load_section
-from tasks.lib.errors import ConfigError, GateError
+from tasks.lib.metrics import slice_metrics
 
 NO_SLICES = slice_metrics(pd.DataFrame({"label": [], "score": [], "country": []}), 0.5, ["country"])
 
@@ -58,7 +58,7 @@ def candidate(metrics: dict[str, float], version: str = "2", slices: pd.DataFram
 
 
 def slices_frame(rows: list[tuple[str, int, float]]) -> pd.DataFrame:
-    """(country, patches, recall) rows shaped like tasks.evaluate.slice_metrics."""
+    """(country, patches, recall) rows shaped like tasks.lib.metrics.slice_metrics."""
     return pd.DataFrame(
         [{"column": "country", "value": c, "patches": n, "positives": n // 2, "recall": r} for c, n, r in rows]
     ).assign(precision=1.0, accuracy=1.0, f1=1.0, roc_auc=1.0, average_precision=1.0)

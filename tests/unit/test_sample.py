@@ -13,6 +13,7 @@ import pytest
 from tasks import sample as sample_module
 from tasks.lib.config import load_section
 from tasks.lib.errors import ConfigError
+from tasks.lib.tiles import INDEX_FILE, METADATA_FILE
 from tasks.sample import (
     COLUMNS,
     SPLITS,
@@ -23,7 +24,6 @@ from tasks.sample import (
     build_sets,
     sample,
 )
-from tasks.tile import INDEX_FILE, METADATA_FILE
 from tests.conftest import REPO
 
 SEASONS = ["Spring", "Summer", "Fall", "Winter"]

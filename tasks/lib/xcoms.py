@@ -1,0 +1,130 @@
+"""What each DAG task hands the next one, declared once: the XCom shapes of tasks.lib.pipeline's functions.
+
+They are TypedDicts, so at run time an XCom stays a plain JSON dict (what Airflow stores, what the Kubernetes pod's
+sidecar reads from return.json, what the REST API shows), while the functions that build them and the DAG tasks that
+read them are checked against one declaration. Paths travel as strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+# --- refresh: download → validate → tile → sample → version ---------------------------------------------------------
+
+
+class Fetched(TypedDict):
+    """download: the archive and the extracted patch folders."""
+
+    url: str
+    patches: str  # the dataset root: one folder per patch
+    archive: str
+    skipped: bool  # an earlier run had completed the same download
+
+
+class Validated(TypedDict):
+    """validate: the report (quarantine with reasons) and its Data Docs."""
+
+    report: str
+    data_docs: str
+    checked: int
+    valid: int
+    quarantined: int
+    skipped: bool
+
+
+class Tiled(TypedDict):
+    """tile: the tile directory (shards, index, metadata, stats)."""
+
+    tiles: str
+    patches: int
+    shards: int
+    skipped: bool
+
+
+class SampledSet(TypedDict):
+    """One dataset drawn by sample (small or large)."""
+
+    manifest: str
+    patches: int
+    natural_patches: int
+    natural_prevalence: float
+    skipped: bool
+
+
+class Sampled(TypedDict):
+    """sample: every dataset of the snapshot."""
+
+    samples: str
+    sets: dict[str, SampledSet]
+
+
+class SnapshotRecord(TypedDict):
+    """version: the snapshot's record (also `<data root>/snapshots/<snapshot>.json`), what training is pinned to."""
+
+    snapshot: str
+    as_of: str  # ISO 8601, UTC
+    data_version: str
+    remote: str
+    tiles: str
+    manifests: dict[str, str]  # dataset → manifest path
+    version_record: str
+
+
+# --- training: data → plan → train → evaluate → gate → summary ------------------------------------------------------
+
+
+class TrainingData(TypedDict):
+    """training_data: the pinned snapshot and the paths of its set."""
+
+    snapshot: str
+    data_version: str
+    dataset: str
+    manifest: str
+    tiles: str
+
+
+class TrainingPlan(TypedDict):
+    """plan_training: the trainer's request (tasks.lib.backends.TrainingRequest as JSON) and the pod's arguments."""
+
+    request: dict[str, Any]
+    kubernetes_arguments: list[str]
+
+
+class Trained(TypedDict):
+    """A training backend's result (the trainer's --xcom-out file), plus which backend ran it."""
+
+    run_id: str
+    model_version: str | None
+    backend: NotRequired[str]
+
+
+class Evaluated(TypedDict):
+    """evaluate: the operating threshold and every metric (NaN as null)."""
+
+    run_id: str
+    threshold: float
+    metrics: dict[str, float | None]
+
+
+class GateDecision(TypedDict):
+    """gate: the verdict in short (the whole one is the run's gate.json)."""
+
+    decision: str  # promote, bootstrap, reject or forced
+    promoted: bool
+    reasons: list[str]
+    challenger_version: str | None
+    champion_version: str | None
+    registry: dict[str, Any]
+
+
+class TrainingSummary(TypedDict):
+    """summary: the training run in a few lines, and the values a person looks for."""
+
+    text: str
+    mlflow_run: str
+    run_id: str
+    model_version: str | None
+    decision: str
+    reasons: list[str]
+    snapshot: str
+    data_version: str
