@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.lib import cli
 from tasks.lib.cli import configure_logging
 from tasks.lib.config import load_section
 from tasks.lib.files import file_digest, write_json
@@ -268,14 +269,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heldout-seed", type=int, default=8, help="mirror seed of the held-out data (training: params)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished run can be reused")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help=f"override a param of the {', '.join(TUNABLE)} sections for this measurement (repeatable); with a "
-        "mirror override both mirrors (training and held-out) are built here instead of using the demo's snapshot",
+    cli.add_overrides(
+        p,
+        f"override a param of the {', '.join(TUNABLE)} sections for this measurement (repeatable); with a mirror "
+        "override both mirrors (training and held-out) are built here instead of using the demo's snapshot",
     )
     args = p.parse_args()
     wrong = [o for o in args.overrides if o.partition(".")[0] not in TUNABLE]

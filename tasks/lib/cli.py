@@ -26,16 +26,14 @@ def parser(description: str) -> argparse.ArgumentParser:
         default=Path(os.environ.get(PARAMS_ENV) or "params.yaml"),
         help=f"params file (default: ${PARAMS_ENV}, else params.yaml in the working directory)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one parameter for this run; repeatable; VALUE is parsed as YAML",
-    )
+    add_overrides(p, "override one parameter for this run; repeatable; VALUE is parsed as YAML")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def add_overrides(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable `--set SECTION.KEY=VALUE` option; its values arrive as `args.overrides`."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help_text)
 
 
 def add_training_inputs(p: argparse.ArgumentParser) -> None:
