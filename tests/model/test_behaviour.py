@@ -103,11 +103,14 @@ def test_an_untrained_model_prefers_neither_class(patches):
 
 
 def test_the_network_overfits_a_handful_of_patches(patches):
-    """params.yaml's network and optimizer fit 8 patches (4 cloud, 4 no_cloud) perfectly within 40 full-batch
-    steps: training accuracy 1.0 and loss below ln 2 / 5. A network that cannot memorise 8 patches has a broken
-    gradient path (a saturated output, a frozen layer, labels that do not reach the loss), whatever its data.
+    """params.yaml's network and optimizer fit 8 patches (4 cloud, 4 no_cloud) within 40 full-batch steps: the model
+    as served (inference mode) then classifies all 8 correctly at a loss below ln 2 / 5. A network that cannot
+    memorise 8 patches has a broken gradient path (a saturated output, a frozen layer, labels that never reach the
+    loss), whatever its data.
 
-    Measured (8 or 16 patches, seeds 0 and 7): accuracy 1.0 after 4-8 steps, loss below ln 2 / 5 after 6-12.
+    Inference mode, not the training-mode metrics: BatchNorm then normalises with the 8 patches' own statistics, and
+    those metrics read accuracy 1.0 (loss 0.04) after 2 steps while the served model still scored 4 of 8 right.
+    Measured (seeds 7 and 0): all 8 right at a loss below ln 2 / 5 after 10-15 steps, 0.002 after 40.
     """
     import keras
 
@@ -118,12 +121,14 @@ def test_the_network_overfits_a_handful_of_patches(patches):
     compile_for_training(model, train.optimizer, train.learning_rate)
     history = []
     for _ in range(40):
-        metrics = model.train_on_batch(few.patches.astype(np.float32), few.labels, return_dict=True)
-        history.append((round(float(metrics["loss"]), 3), float(metrics["accuracy"])))
-        if metrics["accuracy"] == 1.0 and metrics["loss"] < LN2 / 5:
+        model.train_on_batch(few.patches.astype(np.float32), few.labels)
+        scores = _scores(model, few.patches)
+        loss = float(keras.losses.binary_crossentropy(few.labels, scores))
+        accuracy = float(((scores > 0.5) == few.labels).mean())
+        history.append((round(loss, 3), accuracy))
+        if accuracy == 1.0 and loss < LN2 / 5:
             break
-    loss, accuracy = history[-1]
-    assert accuracy == 1.0 and loss < LN2 / 5, f"(loss, accuracy) per step: {history}"
+    assert accuracy == 1.0 and loss < LN2 / 5, f"(loss, accuracy) after each step: {history}"
 
 
 def test_a_model_trained_with_the_augmentation_scores_every_symmetry_alike(patches):
@@ -136,15 +141,15 @@ def test_a_model_trained_with_the_augmentation_scores_every_symmetry_alike(patch
     both the same). Measured, 10 epochs of the 76 train patches, held-out val and test (20 patches), train seeds 7, 8,
     9: max |score(symmetry(x)) - score(x)| 0.31, 0.30, 0.24, mean 0.038, 0.034, 0.032, held-out score std 0.17, 0.28,
     0.12; trained alike without augmentation: max 0.67, 0.58, 0.46, mean 0.085, 0.097, 0.101. Hence max 0.45 and
-    mean 0.06; and since a constant model is trivially invariant, the scores must also vary between patches at least
-    3 times as much as under symmetries (a saturated model fails that).
+    mean 0.06. A constant model is trivially invariant, so the scores must also vary between patches (std at least 0.05)
+    and at least 3 times as much as under symmetries: a saturated model fails that.
     """
     import keras
 
     train = load_section("train", TrainParams)
     keras.utils.set_random_seed(train.seed)
     model = build_model(load_section("model", ModelParams, overrides=TINY), patches.mean, patches.variance)
-    # Ten times train.learning_rate: 50 steps here go about as far as a few hundred would at the full run's rate.
+    # Ten times train.learning_rate, so that 50 steps (10 epochs) train it this far: held-out AUC 0.80 at seed 7.
     compile_for_training(model, train.optimizer, 10 * train.learning_rate)
     rng = np.random.default_rng(train.seed)
     x, y = patches.train.patches, patches.train.labels
@@ -159,6 +164,7 @@ def test_a_model_trained_with_the_augmentation_scores_every_symmetry_alike(patch
     deviation = np.abs(scores - scores[0])
     assert deviation.max() <= 0.45, f"max deviation {deviation.max():.3f} per symmetry {deviation.max(axis=1).round(3)}"
     assert deviation.mean() <= 0.06, f"mean deviation {deviation.mean():.3f}"
-    assert scores[0].std() >= 3 * deviation.mean(), (
-        f"held-out scores vary by {scores[0].std():.3f} between patches, {deviation.mean():.3f} under symmetries"
+    spread = scores[0].std()
+    assert spread >= max(0.05, 3 * deviation.mean()), (
+        f"held-out scores vary by {spread:.3f} between patches, {deviation.mean():.3f} under symmetries"
     )
