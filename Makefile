@@ -9,6 +9,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCAL := .local
 export UV_PYTHON := $(PYTHON_VERSION)
+# MLflow's usage telemetry is off in the demo, the tests and the local servers; `MLFLOW_DISABLE_TELEMETRY=false make
+# ...` turns it on (mlflow/README.md).
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: help setup demo test lint bench tracking clean up browser
 

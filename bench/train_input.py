@@ -17,6 +17,14 @@ Measurements alternate (a, b, c, a, b, c, ...) after one warm-up of each, and th
 per image of (a), (b) and (c) is printed too: it does not depend on what else the machine runs, and on 2 cores the
 input's CPU time is taken from the training step.
 
+(d) the trainer's throughput options, each in a process of its own (thread settings and oneDNN are fixed when
+TensorFlow starts): TensorFlow's intra/inter-op thread pools, oneDNN off, XLA (`jit_compile`), batch size 32/64/128,
+each timing one epoch of model.fit over the same --option-images augmented patches held in memory (as (b)), the
+processes measured one after another in alternating rounds; each option's rate is reported over the default's of its
+own round. Then (e): the default and the fastest option each train a fresh model from the same seed for
+--quality-epochs epochs on the real pipeline and report val metrics, to check the option leaves results equal. The
+Keras backend is printed; JAX is not a dependency (measure it from a throwaway venv with KERAS_BACKEND=jax).
+
 Data: the demo's tiles and small set when `make demo` has run; otherwise a mirror is built, tiled and sampled with
 the project's own steps into .local/bench/train_input/ (kept for the next run).
 """
@@ -24,9 +32,11 @@ the project's own steps into .local/bench/train_input/ (kept for the next run).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,10 +79,12 @@ def _data() -> tuple[Path, Path]:
     return BUILT / "tiles", manifest
 
 
-def _compiled(model_params: ModelParams, params: TrainParams, mean: list[float], variance: list[float]) -> Any:
+def _compiled(
+    model_params: ModelParams, params: TrainParams, mean: list[float], variance: list[float], jit_compile: bool = False
+) -> Any:
     model = build_model(model_params, mean, variance)
     # as tasks.train compiles it: the metrics are part of every training step
-    compile_for_training(model, params.optimizer, params.learning_rate)
+    compile_for_training(model, params.optimizer, params.learning_rate, jit_compile=jit_compile)
     return model
 
 
@@ -91,13 +103,139 @@ def _timed(fn: Any) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+# (d)'s options: name → settings of one worker process. "default" is params.yaml's train section as it is.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "threads intra 2, inter 1": {"intra": 2, "inter": 1},
+    "threads intra 1, inter 1": {"intra": 1, "inter": 1},
+    "oneDNN off": {"onednn": False},
+    "XLA (jit_compile)": {"jit_compile": True},
+    "batch 32": {"batch_size": 32},
+    "batch 128": {"batch_size": 128},
+    "XLA, batch 128": {"jit_compile": True, "batch_size": 128},
+}
+
+
+def _option_worker(option: dict[str, Any], images: int) -> None:
+    """One option's process: answers `fit` (time one epoch over in-memory batches) and `quality E` on stdin."""
+    import keras
+    import tensorflow as tf
+
+    if "intra" in option:
+        tf.config.threading.set_intra_op_parallelism_threads(option["intra"])
+        tf.config.threading.set_inter_op_parallelism_threads(option["inter"])
+    overrides = [f"train.batch_size={option['batch_size']}"] if "batch_size" in option else []
+    params = load_section("train", TrainParams, overrides=overrides)
+    jit = bool(option.get("jit_compile"))
+    model_params = load_section("model", ModelParams)
+    tiles, manifest = _data()
+    source = inputs.open_tiles(tiles)
+    splits = read_splits(manifest, params.max_train_patches)
+    keras.utils.set_random_seed(params.seed)
+    mean, variance = inputs.channel_moments(source, splits["train"])
+    subset = splits["train"].sample(n=images, random_state=params.seed)
+    settings = inputs.PipelineSettings(params.batch_size, True, params.augment, params.seed, params.shuffle_buffer)
+    held = list(inputs.dataset(source, subset, settings))
+    data = tf.data.Dataset.from_tensor_slices(
+        (tf.concat([x for x, _ in held], 0), tf.concat([y for _, y in held], 0))
+    ).batch(params.batch_size)
+    data = data.cache()
+    model = _compiled(model_params, params, mean, variance, jit)
+    model.fit(data, epochs=1, verbose=0)  # warm-up: tracing, XLA compilation
+    print(json.dumps({"ready": True, "backend": keras.backend.backend()}), flush=True)
+    for command in sys.stdin:
+        if command.strip() == "fit":
+            wall, cpu = _timed(lambda: model.fit(data, epochs=1, verbose=0))
+            print(json.dumps({"rate": images / wall, "cpu_ms": cpu / images * 1000}), flush=True)
+        elif command.startswith("quality"):
+            epochs = int(command.split()[1])
+            keras.utils.set_random_seed(params.seed)
+            fresh = _compiled(model_params, params, mean, variance, jit)
+            val = inputs.dataset(source, splits["val"], inputs.PipelineSettings(params.batch_size, False, False, 0))
+            started = time.perf_counter()
+            history = fresh.fit(inputs.dataset(source, splits["train"], settings), validation_data=val,
+                                epochs=epochs, verbose=0)  # fmt: skip
+            seconds = time.perf_counter() - started
+            last = {k: round(float(v[-1]), 4) for k, v in history.history.items() if k.startswith("val_")}
+            print(json.dumps(last | {"seconds": round(seconds, 1)}), flush=True)
+
+
+def _options(rounds: int, images: int, quality_epochs: int) -> None:
+    """(d) and (e): each option in its own process, timed in alternating rounds; the fastest checked for equality."""
+    workers: dict[str, subprocess.Popen[str]] = {}
+    for name, option in OPTIONS.items():
+        env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+        if option.get("onednn") is False:
+            env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        command = [sys.executable, "-m", "bench.train_input", f"--option-images={images}"]
+        command += ["--worker", json.dumps(option)]
+        workers[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        # one at a time: start-ups (imports, tracing, XLA compilation) never overlap a measurement
+        first = workers[name].stdout.readline()  # type: ignore[union-attr]
+        if not first:
+            raise SystemExit(f"option {name!r}: its process exited {workers[name].wait()} before it was ready")
+        ready = json.loads(first)
+    backend = ready["backend"]
+
+    def ask(name: str, command: str) -> dict[str, Any]:
+        proc = workers[name]
+        proc.stdin.write(command + "\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in OPTIONS}
+    for _ in range(rounds):
+        for name in OPTIONS:
+            measured[name].append(ask(name, "fit"))
+    base = [m["rate"] for m in measured["default"]]
+    print(
+        f"  (d) throughput options: one epoch of fit over {images} in-memory patches, Keras backend {backend}, "
+        f"median of {rounds} alternating rounds"
+    )
+    print(f"      {'option':<28} {'img/s':>7}   {'over default, per round':<28} CPU ms/image")
+    ratios: dict[str, float] = {}
+    for name, values in measured.items():
+        rates = [m["rate"] for m in values]
+        per_round = [r / b for r, b in zip(rates, base, strict=True)]
+        ratios[name] = statistics.median(per_round)
+        cpu = statistics.median(m["cpu_ms"] for m in values)
+        low, high = min(per_round), max(per_round)
+        print(
+            f"      {name:<28} {statistics.median(rates):7.1f}   {ratios[name]:5.2f} (rounds {low:.2f} .. {high:.2f})"
+            f"        {cpu:.1f}"
+        )
+    fastest = max(ratios, key=ratios.__getitem__)
+    if quality_epochs and fastest != "default":
+        print(f"  (e) equal results? a fresh model from the same seed, {quality_epochs} epochs on the real pipeline:")
+        for name in ("default", fastest):
+            print(f"      {name:<28} {ask(name, f'quality {quality_epochs}')}")
+    for proc in workers.values():
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="training steps (batches) per measurement of (b) and (c)")
     p.add_argument("--passes", type=int, default=3, help="epochs over the train split per measurement of (a)")
+    p.add_argument("--part", choices=["input", "options", "all"], default="all", help="(a)-(c), (d)-(e) or both")
+    p.add_argument("--option-rounds", type=int, default=3, help="alternating rounds of (d)")
+    p.add_argument("--option-images", type=int, default=384, help="patches per epoch of (d): 32, 64, 128 divide it")
+    p.add_argument("--quality-epochs", type=int, default=3, help="epochs of (e); 0 skips it")
+    p.add_argument("--worker", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.worker is not None:
+        _option_worker(args.worker, args.option_images)
+        return
+    if args.part != "options":
+        _input(args)
+    if args.part != "input":
+        _options(args.option_rounds, args.option_images, args.quality_epochs)
+
+
+def _input(args: argparse.Namespace) -> None:
     import keras
     import tensorflow as tf
 

@@ -33,7 +33,11 @@ def _run() -> pipeline.Run:
         logical_date=dag_run.logical_date,
         run_id=dag_run.run_id,
         overrides=pipeline.training_overrides(
-            epochs=params["epochs"], learning_rate=params["learning_rate"], extra=params["overrides"]
+            epochs=params["epochs"],
+            learning_rate=params["learning_rate"],
+            budget_minutes=params["budget_minutes"],
+            budget_usd=params["budget_usd"],
+            extra=params["overrides"],
         ),
     )
 
@@ -60,6 +64,20 @@ def _run() -> pipeline.Run:
         "learning_rate": Param(
             None, type=["null", "number"], exclusiveMinimum=0, description="Empty: params.yaml train.learning_rate."
         ),
+        "budget_minutes": Param(
+            None,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            description="Stop training after this much wall time (the epoch in progress finishes; the best weights "
+            "are kept). Empty: params.yaml train.budget_minutes.",
+        ),
+        "budget_usd": Param(
+            None,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            description="Stop training once it has cost this much at the cost table's price of its machine. Empty: "
+            "params.yaml train.budget_usd.",
+        ),
         "backend": Param(
             SETTINGS.training_backend,
             enum=list(pipeline.BACKENDS),
@@ -84,7 +102,7 @@ def _run() -> pipeline.Run:
     + """
 Runs when `cloudscreen_refresh` records a new snapshot (the `cloudscreen_training_data` Asset) and on
 `pipeline.retrain_schedule` (monthly by default) even when no new data came. The trigger form picks the snapshot, the
-set, epochs, learning rate, the training backend and a forced promotion.
+set, epochs, learning rate, a training budget (minutes or dollars), the training backend and a forced promotion.
 
 The model is trained on the snapshot's pinned data version (recorded as the MLflow run's lineage tags), registered as
 `challenger`, evaluated on test and the natural-prevalence set (metrics and plots in its MLflow run), and the gate

@@ -10,9 +10,11 @@ its configuration once, at import).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -96,6 +98,63 @@ def run_dag(
         task_tries=tries,
         results=results,
     )
+
+
+def read_outcome(path: Path) -> DagRunOutcome:
+    """An outcome as `--out` wrote it."""
+    return DagRunOutcome(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One task instance as the metadata database holds it while its DAG run goes on."""
+
+    task_id: str
+    map_index: int
+    state: str | None  # None: not scheduled yet
+    duration: float | None  # set once it has finished
+    try_number: int
+
+
+def _read_only(home: Path) -> sqlite3.Connection | None:
+    database = home / "airflow.db"  # Airflow's default SQLite store under AIRFLOW_HOME, as configure() leaves it
+    if not database.is_file():
+        return None
+    return sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
+
+
+def latest_run_key(home: Path) -> int:
+    """The newest DAG run's row id (0 when there is none): runs started later have larger ones."""
+    connection = _read_only(home)
+    if connection is None:
+        return 0
+    with contextlib.closing(connection):
+        return int(connection.execute("SELECT COALESCE(MAX(id), 0) FROM dag_run").fetchone()[0])
+
+
+def task_rows(home: Path, dag_id: str, after: int) -> tuple[str | None, list[TaskRow]]:
+    """The first run of `dag_id` newer than row id `after` and its task instances, read without writing.
+
+    Reading while a run writes can meet a locked database: that read returns no rows and the next one catches up.
+    """
+    connection = _read_only(home)
+    if connection is None:
+        return None, []
+    with contextlib.closing(connection):
+        try:
+            found = connection.execute(
+                "SELECT run_id FROM dag_run WHERE dag_id = ? AND id > ? ORDER BY id LIMIT 1", (dag_id, after)
+            ).fetchone()
+            if found is None:
+                return None, []
+            rows = connection.execute(
+                "SELECT task_id, map_index, state, duration, try_number FROM task_instance"
+                " WHERE dag_id = ? AND run_id = ? ORDER BY start_date IS NULL, start_date, task_id, map_index",
+                (dag_id, found[0]),
+            ).fetchall()
+        except sqlite3.OperationalError:  # locked, or the schema is being migrated
+            return None, []
+    return found[0], [TaskRow(t, int(m), s, d, int(n or 0)) for t, m, s, d, n in rows]
 
 
 def main() -> None:

@@ -27,8 +27,10 @@ USER 50000:0
 COPY --chown=50000:0 params.yaml /opt/cloudscreen/params.yaml
 COPY --chown=50000:0 tasks /opt/cloudscreen/tasks
 COPY --chown=50000:0 dags /opt/airflow/dags
+# MLflow's usage telemetry is off (mlflow/README.md says how to turn it on).
 ENV PYTHONPATH=/opt/cloudscreen \
-    CLOUDSCREEN_DATA_ROOT=/opt/cloudscreen/data
+    CLOUDSCREEN_DATA_ROOT=/opt/cloudscreen/data \
+    MLFLOW_DISABLE_TELEMETRY=true
 
 # Last, so that a new commit rebuilds nothing above. The image has no .git: this is the lineage's git commit.
 ARG GIT_COMMIT=""

@@ -23,9 +23,11 @@ RUN pip install --no-cache-dir --constraint /tmp/constraints.txt \
 COPY mlflow/server.sh /opt/mlflow/server.sh
 USER 10001:10001
 WORKDIR /home/mlflow
-# server.sh binds 127.0.0.1 by default: in a container the port must be reachable from outside.
+# server.sh binds 127.0.0.1 by default: in a container the port must be reachable from outside. MLflow's usage
+# telemetry is off (mlflow/README.md says how to turn it on).
 ENV MLFLOW_HOST=0.0.0.0 \
     MLFLOW_PORT=5000 \
+    MLFLOW_DISABLE_TELEMETRY=true \
     PYTHONUNBUFFERED=1
 EXPOSE 5000
 CMD ["bash", "/opt/mlflow/server.sh"]

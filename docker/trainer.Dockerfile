@@ -32,13 +32,15 @@ WORKDIR /opt/cloudscreen
 COPY params.yaml ./
 COPY tasks ./tasks
 
-# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+# Numeric, so that Kubernetes' runAsNonRoot can verify it. MLflow's usage telemetry is off (mlflow/README.md says
+# how to turn it on).
 USER 10001:10001
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONPATH=/opt/cloudscreen \
     PYTHONUNBUFFERED=1 \
-    HOME=/home/cloudscreen
+    HOME=/home/cloudscreen \
+    MLFLOW_DISABLE_TELEMETRY=true
 
 # Last, so that a new commit rebuilds nothing above. The image has no .git: this is the lineage's git commit.
 ARG GIT_COMMIT=""

@@ -18,6 +18,8 @@
 #                                 features: judges, prompt optimisation, trace rollups); default false
 #   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers accepted besides localhost and private IPs, e.g. mlflow.example.com
 #                                 (read by MLflow itself; needed behind a DNS name)
+#   MLFLOW_DISABLE_TELEMETRY      MLflow's usage telemetry (the server's and its UI's); default true (off); false
+#                                 turns it on, unless DO_NOT_TRACK=true or a CI variable is set (MLflow's own rules)
 #   STORAGE_EMULATOR_HOST         e.g. http://127.0.0.1:9023: gs:// goes to gcp-storage-emulator, anonymously.
 #                                 Unset in production: google-cloud-storage then uses Application Default
 #                                 Credentials (Workload Identity on GKE, the VM's service account).
@@ -47,6 +49,7 @@ host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 workers="${MLFLOW_WORKERS:-1}"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
 
 case "$backend" in
     sqlite:////*)

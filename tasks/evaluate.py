@@ -1,4 +1,4 @@
-"""Evaluate a logged cloud classifier on a sample set and log metrics, slices, predictions and plots to its run.
+"""Evaluate a logged cloud classifier on a sample set and log metrics, slices, predictions and plots to MLflow.
 
 Data: the sample step's `manifest.parquet` (its val and test splits) and the `natural.parquet` beside it (the
 natural-prevalence evaluation set); pixels come from the tile step's shards. The model is any MLflow pyfunc that keeps
@@ -23,6 +23,13 @@ data paths, digests and counts), predictions.parquet (patch_id, set, label, scor
 paired test reads), slices.parquet (per-slice metrics at the operating threshold), and the plots
 precision_recall_vs_threshold.png, precision_recall_curve.png, confusion_matrix.png, worst_errors.png. Tags
 `cloudscreen.evaluate.*` record the model URI, manifest, natural set, tiles and the manifests' digests.
+
+Where it is logged: a model's own evaluation, on the data it was trained on, goes to its training run (the training
+DAG's evaluate step). An evaluation on other data is a run of its own, `cloudscreen.kind` = `evaluation`, in the
+model's experiment: the training run's record is never written over. Both link the metrics to the MLflow 3 logged
+model and the manifest as a dataset, so the model's page lists every evaluation of it by data; the evaluation run also
+takes the model as its input and names it in tags `cloudscreen.evaluate.model_id`, `.training_run_id`,
+`.registered_model` and `.model_version`.
 """
 
 from __future__ import annotations
@@ -60,11 +67,18 @@ from tasks.lib.thresholds import RECALL_TOLERANCE, operating_threshold, recall_c
 from tasks.lib.tiles import INDEX_FILE, load_patches
 from tasks.lib.tracking import (
     EVALUATION_DIR,
+    KIND_EVALUATION,
     METRICS_FILE,
     PREDICTIONS_FILE,
+    TAG_DATA_CONTEXT,
+    TAG_KIND,
+    TAG_NOTE,
     TAG_PREFIX,
-    model_run_id,
+    Lineage,
+    ModelRef,
+    resolve_model,
     run_model_uri,
+    training_digests,
 )
 from tasks.sample import NATURAL_FILE
 
@@ -91,6 +105,12 @@ TAG_NATURAL = f"{TAG_PREFIX}evaluate.natural"
 TAG_TILES = f"{TAG_PREFIX}evaluate.tiles"
 TAG_MANIFEST_SHA256 = f"{TAG_PREFIX}evaluate.manifest_sha256"
 TAG_NATURAL_SHA256 = f"{TAG_PREFIX}evaluate.natural_sha256"
+# On an evaluation run of its own: the model it evaluated.
+TAG_MODEL_ID = f"{TAG_PREFIX}evaluate.model_id"
+TAG_TRAINING_RUN = f"{TAG_PREFIX}evaluate.training_run_id"
+TAG_REGISTERED_MODEL = f"{TAG_PREFIX}evaluate.registered_model"
+TAG_MODEL_VERSION = f"{TAG_PREFIX}evaluate.model_version"
+DATA_CONTEXT = "evaluation"  # the dataset input's context on the run that logs the evaluation
 
 _MANIFEST_COLUMNS = ("patch_id", "label", "split")
 
@@ -117,6 +137,7 @@ class EvaluateParams(StepParams):
 class Evaluation:
     model_uri: str
     run_id: str | None  # the run the results were logged to; None when nothing was logged
+    kind: str | None  # where: "training" (the model's own run), "evaluation" (a run of its own) or None
     threshold: float  # the operating threshold, chosen on val
     target_recall: float
     metrics: dict[str, float]  # flat names, see the module docstring
@@ -303,24 +324,90 @@ def _write_artifacts(
     plots.save(plots.worst_errors_figure(rows, params.worst_examples), out / WORST_ERRORS_PLOT)
 
 
-def _log_to_run(run_id: str, directory: Path, metrics: dict[str, float], tags: dict[str, str]) -> None:
-    """Add metrics, tags and the evaluation/ artifacts to an existing run (active or finished) without reopening
-    it: MlflowClient calls, so no active-run state is touched."""
-    from mlflow.entities import Metric, RunTag
+def _dataset(manifest: Path, lineage: Lineage) -> Any:
+    """The whole manifest as an MLflow dataset, named and digested as tasks.train logs its training input (the digest
+    is of the content), so a model's own evaluation data is recognised wherever the file lives."""
+    import mlflow.data
+
+    from tasks.lib.training_runs import dataset_name
+
+    frame = pd.read_parquet(manifest)
+    return mlflow.data.from_pandas(
+        frame, source=str(manifest.resolve()), name=dataset_name(manifest, lineage), targets="label"
+    )
+
+
+def _check_own_data(run_id: str, dataset: Any, manifest: Path) -> None:
+    trained = training_digests(run_id)
+    if trained and dataset.digest not in trained:
+        raise EvaluationError(
+            f"run {run_id} was trained on other data than {manifest} (dataset digest {dataset.digest}, trained on "
+            f"{', '.join(sorted(trained))}): an evaluation on other data is not logged over the training run's record; "
+            "log it as an evaluation run of its own (log_evaluation, what the CLI does)"
+        )
+
+
+def _log_to_run(
+    run_id: str,
+    directory: Path,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    model_id: str | None,
+    dataset: Any,
+) -> None:
+    """Add metrics, tags and the evaluation/ artifacts to an existing run (active or finished) without reopening it
+    (no active-run state is touched). The metrics are linked to the logged model and the dataset: the run's own input
+    of the same content when it has one (its training data), else `dataset`, logged as an `evaluation` input."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     client.log_artifacts(run_id, str(directory), artifact_path=EVALUATION_DIR)
+    inputs = client.get_run(run_id).inputs
+    present = [i.dataset for i in (inputs.dataset_inputs if inputs else []) if i.dataset.digest == dataset.digest]
+    if present:
+        linked = present[0]
+    else:
+        client.log_inputs(
+            run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(TAG_DATA_CONTEXT, DATA_CONTEXT)])]
+        )
+        linked = dataset
     stamp = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(key, float(value), stamp, 0) for key, value in metrics.items()],
-        tags=[RunTag(key, value) for key, value in tags.items()],
-    )
+    numbers = {key: float(value) for key, value in metrics.items()}
+    mlflow.log_metrics(numbers, run_id=run_id, timestamp=stamp, model_id=model_id, dataset=linked, synchronous=True)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def _evaluation_run(model: ModelRef, dataset: Any, manifest: Path, lineage: Lineage) -> str:
+    """A new run of kind `evaluation` in the model's experiment, tagged with the model it evaluates; its id."""
+    from mlflow.tracking import MlflowClient
+
+    label = f"{model.registered_name} v{model.version}" if model.version else (model.model_id or model.uri)
+    tags = {
+        **{key: value for key, value in lineage.tags().items() if value},
+        TAG_KIND: KIND_EVALUATION,
+        TAG_TRAINING_RUN: model.run_id,
+        TAG_MODEL_ID: model.model_id or "",
+        TAG_REGISTERED_MODEL: model.registered_name,
+        TAG_MODEL_VERSION: model.version,
+        TAG_NOTE: (
+            f"Evaluation of {model.uri} ({label}, trained in run {model.run_id}) on {manifest}. The training run keeps "
+            "its own evaluation."
+        ),
+    }
+    run = MlflowClient().create_run(model.experiment_id, tags=tags, run_name=f"evaluate {label} on {dataset.name}")
+    return run.info.run_id
 
 
 def evaluate(
-    *, model_uri: str, manifest: Path, tiles: Path, params: EvaluateParams, log_to_run: str | None
+    *,
+    model_uri: str,
+    manifest: Path,
+    tiles: Path,
+    params: EvaluateParams,
+    log_to_run: str | None,
+    log_evaluation: bool = False,
 ) -> Evaluation:
     """Evaluate a classifier on a sample set's val and test splits and its natural set; optionally log the results.
 
@@ -330,17 +417,39 @@ def evaluate(
             are reported.
         tiles: the tile step's output holding those patches.
         params: the `evaluate` section.
-        log_to_run: the MLflow run to add metrics, tags and `evaluation/` artifacts to; None logs nothing (the gate
-            re-evaluates the champion on the challenger's data this way).
+        log_to_run: the model's training run, to add its own evaluation to (metrics, tags and `evaluation/`
+            artifacts; the training DAG's evaluate step). Refused when the run records the data it was trained on and
+            `manifest` is other data. None logs nothing, unless `log_evaluation` (the gate re-evaluates models so).
+        log_evaluation: log the evaluation wherever it belongs (instead of `log_to_run`): to the model's training run
+            when `manifest` is the data the run records as its training input, else to a new run of kind
+            `evaluation` linked to the model. The training run's record is then never written over.
 
     Raises:
         EvaluationError: a missing file or column, no val or test split, one class only in val, patches missing from
-            the tiles, an unknown run or model, or model output that breaks the contract.
+            the tiles, an unknown run or model, data that is not the run's own for `log_to_run`, both ways of
+            logging asked for, or model output that breaks the contract.
     """
+    if log_to_run is not None and log_evaluation:
+        raise EvaluationError(
+            f"log_to_run={log_to_run!r} and log_evaluation: ask for one (log_evaluation finds the run by itself)"
+        )
     natural = manifest.parent / NATURAL_FILE
     sets = _load_sets(manifest, tiles, params.slice_columns)
+    # Everything about where to log is settled before the slow part.
+    model: ModelRef | None = None
+    dataset = lineage = None
+    kind = None
     if log_to_run is not None:
-        _check_run(log_to_run)  # before the slow part
+        _check_run(log_to_run)
+    if log_to_run is not None or log_evaluation:
+        lineage = Lineage.from_environment()
+        dataset = _dataset(manifest, lineage)
+        model = resolve_model(model_uri)
+        if log_to_run is not None:
+            _check_own_data(log_to_run, dataset, manifest)
+            kind = "training"
+        else:
+            kind = "training" if dataset.digest in training_digests(model.run_id) else KIND_EVALUATION
     log.info(
         "evaluating %s on %s (val %d, test %d, natural %d patches) with tiles %s, target recall %g, batch %d",
         model_uri,
@@ -350,11 +459,11 @@ def evaluate(
         params.target_recall,
         params.batch_size,
     )
-    model = _load_model(model_uri)
+    loaded = _load_model(model_uri)
     frame = pd.concat([part.assign(set=name) for name, part in sets.items()], ignore_index=True)
     unique = frame.drop_duplicates("patch_id")  # natural's cloud patches are the test split's: predict them once
     try:
-        scores = predict(model, unique, tiles, params.batch_size)
+        scores = predict(loaded, unique, tiles, params.batch_size)
     except EvaluationError as exc:
         raise EvaluationError(f"model {model_uri!r}: {exc}") from exc
     frame["score"] = frame["patch_id"].map(pd.Series(scores, index=unique["patch_id"].to_numpy()))
@@ -364,9 +473,16 @@ def evaluate(
         predictions, params.target_recall, params.slice_columns, params.threshold_confidence
     )
 
+    run_id = None
+    if model is not None and dataset is not None and lineage is not None:
+        if kind == KIND_EVALUATION:
+            run_id = _evaluation_run(model, dataset, manifest, lineage)
+        else:
+            run_id = log_to_run or model.run_id
     summary = {
         "model_uri": model_uri,
-        "run_id": log_to_run,
+        "run_id": run_id,
+        "logged_to": kind,
         "threshold": {
             "operating": threshold,
             "default": DEFAULT_THRESHOLD,
@@ -393,7 +509,9 @@ def evaluate(
         "params": params.model_dump(mode="json"),
         "artifacts": list(ARTIFACTS),
     }
-    if log_to_run is not None:
+    if run_id is not None and model is not None:
+        from mlflow.tracking import MlflowClient
+
         tags = {
             TAG_MODEL_URI: model_uri,
             TAG_MANIFEST: summary["data"]["manifest"],
@@ -402,9 +520,16 @@ def evaluate(
             TAG_MANIFEST_SHA256: summary["data"]["manifest_sha256"],
             TAG_NATURAL_SHA256: summary["data"]["natural_sha256"],
         }
-        with tempfile.TemporaryDirectory(prefix="cloudscreen-evaluate-") as tmp:
-            _write_artifacts(Path(tmp), predictions, slice_frame, summary, tiles, params)
-            _log_to_run(log_to_run, Path(tmp), metrics, tags)
+        try:
+            with tempfile.TemporaryDirectory(prefix="cloudscreen-evaluate-") as tmp:
+                _write_artifacts(Path(tmp), predictions, slice_frame, summary, tiles, params)
+                _log_to_run(run_id, Path(tmp), metrics, tags, model.model_id, dataset)
+        except BaseException:
+            if kind == KIND_EVALUATION:
+                MlflowClient().set_terminated(run_id, "FAILED")
+            raise
+        if kind == KIND_EVALUATION:
+            MlflowClient().set_terminated(run_id, "FINISHED")
     log.info(
         "%s: operating threshold %.4f (val recall %.4f); test recall %.4f precision %.4f ROC-AUC %.4f; natural "
         "recall %.4f precision %.4f%s",
@@ -416,11 +541,12 @@ def evaluate(
         metrics["test_roc_auc"],
         metrics["natural_op_recall"],
         metrics["natural_op_precision"],
-        f"; logged to run {log_to_run}" if log_to_run else "",
+        f"; logged to the {kind} run {run_id}" if run_id else "",
     )
     return Evaluation(
         model_uri=model_uri,
-        run_id=log_to_run,
+        run_id=run_id,
+        kind=kind,
         threshold=threshold,
         target_recall=params.target_recall,
         metrics=metrics,
@@ -444,25 +570,33 @@ SUMMARY_METRICS = (
 def main() -> None:
     p = cli.parser(__doc__.splitlines()[0])
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run-id", help="evaluate this run's model (runs:/ID/model) and log to the run")
-    model.add_argument(
-        "--model", help="evaluate models:/NAME@ALIAS or models:/NAME/VERSION and log to its version's source run"
-    )
+    model.add_argument("--run-id", help="evaluate this run's model (runs:/ID/model)")
+    model.add_argument("--model", help="evaluate models:/NAME@ALIAS or models:/NAME/VERSION")
     model.add_argument(
         "--run-file", type=Path, help="evaluate the run named in this JSON (what tasks.train --xcom-out writes)"
     )
     p.add_argument("--manifest", type=Path, required=True, help="a sample manifest.parquet (natural.parquet beside)")
     p.add_argument("--tiles", type=Path, required=True, help="the tile step's output holding the patches")
     p.add_argument("--out", type=Path, help="also write the summary printed on stdout here (DVC metrics)")
+    p.epilog = (
+        "Logged to the model's training run when --manifest is the data it was trained on (its own evaluation), "
+        "else to a new run of kind `evaluation` linked to the model; the training run's record is never written over."
+    )
     args = p.parse_args()
     cli.configure_logging(args.verbose)
     params = load_section("evaluate", EvaluateParams, args.params, args.overrides)
     run_id = _run_from_file(args.run_file) if args.run_file else args.run_id
     model_uri = run_model_uri(run_id) if run_id else args.model
-    run_id = run_id or model_run_id(model_uri)
-    result = evaluate(model_uri=model_uri, manifest=args.manifest, tiles=args.tiles, params=params, log_to_run=run_id)
-    summary = {"model_uri": result.model_uri, "run_id": result.run_id, "target_recall": result.target_recall}
-    summary |= {name: result.metrics[name] for name in SUMMARY_METRICS}
+    result = evaluate(
+        model_uri=model_uri,
+        manifest=args.manifest,
+        tiles=args.tiles,
+        params=params,
+        log_to_run=None,
+        log_evaluation=True,
+    )
+    summary = {"model_uri": result.model_uri, "run_id": result.run_id, "logged_to": result.kind}
+    summary |= {"target_recall": result.target_recall} | {name: result.metrics[name] for name in SUMMARY_METRICS}
     if args.out:
         write_json(args.out, jsonable(summary))
     print(json.dumps(jsonable(summary), indent=2))

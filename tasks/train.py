@@ -8,9 +8,14 @@ per-epoch metrics for train and val, MLflow system metrics, hardware and version
 the configured machine's price, the lineage tags of tasks.lib.tracking, the manifest as a dataset input, and the model:
 the Keras flavor plus the pyfunc classifier (tasks.lib.serving) registered with alias `challenger`.
 
-With `--checkpoint-dir`, a killed trainer started again with the same directory resumes from its last completed
-epoch in the same MLflow run, and a trainer started after a finished run returns that run (an Airflow retry after a
-later failure does not train twice).
+With `--checkpoint-dir` (local disk) or `--checkpoint-url` (the object store: a spot GPU's pod started again
+elsewhere with an empty disk), a killed trainer started again resumes from its last completed epoch in the same MLflow
+run, and a trainer started after a finished run returns that run (an Airflow retry after a later failure does not
+train twice).
+
+A budget (`train.budget_minutes`, `train.budget_usd` through the cost table) stops training as AutoML's node-hour
+budget does: the epoch in progress finishes, then training stops with the best weights so far. The run's tag
+`cloudscreen.stopped_by` says what ended it: `budget`, `early_stopping` or `epochs`.
 """
 
 from __future__ import annotations
@@ -19,11 +24,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from tasks.lib import cli, inputs, tracking
+from tasks.lib import checkpoints, cli, inputs, tracking
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ConfigError
 from tasks.lib.files import write_json
@@ -39,6 +43,7 @@ from tasks.lib.model import ModelParams, build_model, compile_for_training, desc
 from tasks.lib.tiles import DTYPE, INDEX_FILE, PATCH_SHAPE, RGB_CHANNELS, PatchReader
 from tasks.lib.training_runs import (
     CostParams,
+    budget_seconds,
     cost_metrics,
     dataset_params,
     hardware_tags,
@@ -50,8 +55,9 @@ from tasks.lib.training_runs import (
 
 log = logging.getLogger(__name__)
 
-RUN_STATE_FILE = "run.json"  # in the checkpoint directory: which MLflow run this training belongs to
-BACKUP_DIR = "backup"  # in the checkpoint directory: Keras BackupAndRestore's last completed epoch
+RUN_STATE_FILE = checkpoints.STATE_FILE  # in the checkpoint directory: which MLflow run, epochs done, ...
+TAG_STOPPED_BY = f"{tracking.TAG_PREFIX}stopped_by"
+STOPPED_BY = ("budget", "early_stopping", "epochs")
 _METRICS = ("accuracy", "precision", "recall", "auc")
 
 
@@ -72,6 +78,8 @@ class TrainParams(StepParams):
     registered_model: str = Field(min_length=1)
     system_metrics_interval_seconds: float = Field(gt=0)
     max_train_patches: int | None = Field(default=None, gt=0)
+    budget_minutes: float | None = Field(default=None, gt=0)
+    budget_usd: float | None = Field(default=None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -91,36 +99,86 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     return {label: len(labels) / (2 * int(count)) for label, count in enumerate(counts)}
 
 
-def _epoch_logger(train_images: int, state: _RunState) -> Any:
+def _epoch_end(
+    state: _RunState,
+    *,
+    train_images: int,
+    epochs: int,
+    budget: float | None,
+    early: Any,
+    reduce_lr: Any,
+    best_weights: list[Any] | None,
+) -> Any:
     import keras
     import mlflow
 
-    class EpochLogger(keras.callbacks.Callback):
-        """Per-epoch metrics to MLflow (train_*, val_*, learning_rate, epoch_seconds, images_per_second)."""
+    class EpochEnd(keras.callbacks.Callback):
+        """After EarlyStopping and ReduceLROnPlateau: say whether and why training stops, commit the checkpoint, then
+        log the epoch's metrics (train_*, val_*, learning_rate, epoch_seconds, images_per_second) to MLflow.
+
+        Metrics go out after the commit and the commit keeps them, so a resumed run logs every epoch exactly once.
+        """
+
+        def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+            # Both callbacks reset their counters when fit starts: a resumed training carries on with the saved ones.
+            for callback, name in ((early, "early_stopping"), (reduce_lr, "reduce_lr")):
+                for key, value in state.callbacks.get(name, {}).items():
+                    setattr(callback, key, value)
+            if best_weights is not None:
+                early.best_weights = best_weights
 
         def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             self.started = time.perf_counter()
             self.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
             seconds = time.perf_counter() - self.started
-            metrics = {k if k.startswith("val_") else f"train_{k}": float(v) for k, v in (logs or {}).items()}
+            metrics = {k if k.startswith("val_") else f"train_{k}": float(v) for k, v in logs.items()}
             metrics.pop("train_learning_rate", None)
             metrics |= {
                 "learning_rate": self.learning_rate,
                 "epoch_seconds": seconds,
                 "images_per_second": train_images / seconds,
             }
-            mlflow.log_metrics(metrics, step=epoch)
             state.epochs = epoch + 1
+            if early.best_epoch == epoch and "val_loss" in logs:  # EarlyStopping keeps this epoch's weights
+                state.best = {"best_epoch": epoch} | {
+                    f"best_val_{m}": float(logs[f"val_{m}"]) for m in ("loss", *_METRICS) if f"val_{m}" in logs
+                }
+                state.best_weights = state.save_weights(self.model, f"best-{epoch + 1:05d}.weights.h5")
+            if self.model.stop_training:
+                state.stopped_by = "early_stopping"
+            elif epoch + 1 >= epochs:
+                state.stopped_by = "epochs"
+            elif budget is not None and state.seconds >= budget:
+                log.info("budget reached after epoch %d (%.0f of %.0f s): stopping", epoch + 1, state.seconds, budget)
+                state.stopped_by = "budget"
+                self.model.stop_training = True
+            state.callbacks = {
+                "early_stopping": {k: _plain(getattr(early, k)) for k in ("wait", "best", "best_epoch")},
+                "reduce_lr": {k: _plain(getattr(reduce_lr, k)) for k in ("wait", "best", "cooldown_counter")},
+            }
+            state.weights = state.save_weights(self.model, f"epoch-{epoch + 1:05d}.weights.h5")
+            state.last_epoch = {"step": epoch, "metrics": metrics}
             state.save()
+            mlflow.log_metrics(metrics, step=epoch)
 
-    return EpochLogger()
+    return EpochEnd()
+
+
+def _plain(value: Any) -> Any:
+    """A callback counter as JSON can hold it (numpy scalars and tensors become Python numbers)."""
+    return None if value is None else float(value) if isinstance(value, float | np.floating) else int(value)
 
 
 @dataclass
 class _RunState:
-    """run.json in the checkpoint directory: lets a restarted trainer continue its MLflow run, or reuse it."""
+    """run.json in the checkpoint directory: lets a restarted trainer continue its MLflow run, or reuse it.
+
+    It names the weights files of the commit (tasks.lib.checkpoints): the model and optimizer after `epochs` epochs,
+    and the model of the best epoch so far, with the counters of EarlyStopping and ReduceLROnPlateau.
+    """
 
     path: Path | None
     inputs: str = ""  # fingerprint of manifest, tiles and params: a checkpoint only resumes the training it belongs to
@@ -130,28 +188,68 @@ class _RunState:
     seconds_before: float = 0.0  # wall time of earlier, killed attempts (they cost money too)
     model_version: str | None = None
     started: float = 0.0
+    weights: str | None = None
+    best_weights: str | None = None
+    best: dict[str, float] = field(default_factory=dict)  # best_epoch and its best_val_* metrics
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_epoch: dict[str, Any] = field(default_factory=dict)  # {"step", "metrics"}: logged to MLflow after the commit
+    stopped_by: str | None = None  # set once training is over (the model may not be logged yet)
+    files: dict[str, str] = field(default_factory=dict)  # name → MD5 of the files this state names
+    remote: checkpoints.RemoteCheckpoint | None = None
+
+    _SAVED = ("inputs", "run_id", "status", "epochs", "model_version", "weights", "best_weights", "best", "callbacks",
+              "last_epoch", "stopped_by", "files")  # fmt: skip
 
     @classmethod
-    def load(cls, checkpoint_dir: Path | None, inputs: str) -> _RunState:
+    def load(
+        cls, checkpoint_dir: Path | None, inputs: str, remote: checkpoints.RemoteCheckpoint | None = None
+    ) -> _RunState:
+        if checkpoint_dir and remote:
+            remote.pull(checkpoint_dir)
         path = checkpoint_dir / RUN_STATE_FILE if checkpoint_dir else None
-        state = cls(path, inputs, started=time.monotonic())
-        if path and path.is_file():
-            saved = json.loads(path.read_text())
+        state = cls(path, inputs, started=time.monotonic(), remote=remote)
+        saved = checkpoints.read_local(checkpoint_dir) if checkpoint_dir else None
+        if saved:
             if saved.get("inputs") != inputs:
                 log.warning("%s belongs to other inputs or params: training from scratch", checkpoint_dir)
                 return state
-            state.run_id, state.status, state.epochs = saved["run_id"], saved["status"], saved["epochs"]
-            state.seconds_before, state.model_version = saved["seconds"], saved.get("model_version")
+            for key in cls._SAVED:
+                if key in saved:
+                    setattr(state, key, saved[key])
+            state.seconds_before = saved["seconds"]
         return state
+
+    def fresh(self) -> _RunState:
+        return _RunState(self.path, self.inputs, started=time.monotonic(), remote=self.remote)
 
     @property
     def seconds(self) -> float:
         return self.seconds_before + time.monotonic() - self.started
 
+    def file(self, name: str) -> Path:
+        assert self.path is not None
+        return self.path.parent / name
+
+    def save_weights(self, model: Any, name: str) -> str | None:
+        """Write `model`'s weights (and its optimizer's) as `name` in the checkpoint directory; None without one."""
+        if not self.path:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(str(self.file(name)), overwrite=True)
+        self.files[name] = checkpoints.file_md5(self.file(name))
+        return name
+
     def save(self) -> None:
-        if self.path:
-            record = {"inputs": self.inputs, "run_id": self.run_id, "status": self.status, "epochs": self.epochs}
-            write_json(self.path, record | {"seconds": self.seconds, "model_version": self.model_version})
+        """Commit: run.json (naming only complete files) replaces the last one; then the object store's copy."""
+        if not self.path:
+            return
+        self.files = {name: md5 for name, md5 in self.files.items() if name in (self.weights, self.best_weights)}
+        record = {key: getattr(self, key) for key in self._SAVED} | {"seconds": self.seconds}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, record)
+        checkpoints.prune_local(self.path.parent, record)
+        if self.remote:
+            self.remote.push(self.path.parent)
 
 
 def train(
@@ -163,6 +261,7 @@ def train(
     cost: CostParams,
     lineage: tracking.Lineage,
     checkpoint_dir: Path | None = None,
+    checkpoint_url: str | None = None,
     register: bool = True,
     run_name: str | None = None,
     kind: str = "train",
@@ -173,6 +272,9 @@ def train(
         manifest: a tasks.sample manifest (patch_id, label, split, shard, offset, ...).
         tiles: the tile step's output the manifest points into (R, G, B shards).
         checkpoint_dir: where to keep the last completed epoch and the run id, to resume after a kill.
+        checkpoint_url: `gs://BUCKET/PATH` to keep the checkpoint in as well (pulled at start, pushed after every
+            epoch), so that a trainer started elsewhere with an empty disk resumes; `checkpoint_dir` is then its local
+            copy (a temporary directory when not given).
         register: register the pyfunc model under `params.registered_model` with alias `challenger`. Search trials
             log without registering.
         run_name: MLflow run name; nested under the active run when there is one (a search's trials).
@@ -180,52 +282,68 @@ def train(
 
     Raises:
         InputError: the manifest or tiles cannot feed training (names the file and the fault).
-        ConfigError: the cost table has no price for the configured machine.
+        ConfigError: the cost table has no price for the configured machine; a checkpoint URL that is not gs://.
     """
+    if checkpoint_url and not checkpoint_url.startswith("gs://"):
+        raise ConfigError(f"checkpoint URL {checkpoint_url!r}: expected gs://BUCKET/PATH")
+    if checkpoint_url and checkpoint_dir is None:
+        with tempfile.TemporaryDirectory(prefix="cloudscreen-checkpoint-") as scratch:
+            return train(
+                manifest=manifest, tiles=tiles, params=params, model_params=model_params, cost=cost, lineage=lineage,
+                checkpoint_dir=Path(scratch) / "checkpoint", checkpoint_url=checkpoint_url, register=register,
+                run_name=run_name, kind=kind,
+            )  # fmt: skip
     import keras
     import mlflow
     import tensorflow as tf
 
     splits = read_splits(manifest, params.max_train_patches)
     fingerprint = _fingerprint(manifest, tiles, params, model_params, register)
-    state = _RunState.load(checkpoint_dir, fingerprint)
+    remote = checkpoints.RemoteCheckpoint(checkpoint_url) if checkpoint_url and checkpoint_dir else None
+    state = _RunState.load(checkpoint_dir, fingerprint, remote)
     if state.run_id and not _run_exists(state.run_id):
         # The checkpoint belongs to a tracking store that is gone (a new server, a deleted database): start over.
-        log.warning(
-            "%s names run %s, unknown to the tracking store: training from scratch", checkpoint_dir, state.run_id
-        )
-        state = _RunState(state.path, fingerprint, started=time.monotonic())
-    if checkpoint_dir and not state.run_id:
-        shutil.rmtree(checkpoint_dir / BACKUP_DIR, ignore_errors=True)  # weights of some other training
+        where = checkpoint_url or checkpoint_dir
+        log.warning("%s names run %s, unknown to the tracking store: training from scratch", where, state.run_id)
+        state = state.fresh()
     if state.status == "finished":
-        log.info("%s holds finished run %s: not training again", checkpoint_dir, state.run_id)
+        log.info("%s holds finished run %s: not training again", checkpoint_url or checkpoint_dir, state.run_id)
         metrics = mlflow.get_run(state.run_id).data.metrics
         return TrainResult(state.run_id, state.model_version, state.epochs, metrics, reused=True)
 
     source = inputs.open_tiles(tiles)
     cost = cost.from_environment()
     gpus = tf.config.list_physical_devices("GPU")
+    budget = budget_seconds(minutes=params.budget_minutes, usd=params.budget_usd, cost=cost, accelerators=len(gpus))
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    keras.utils.set_random_seed(params.seed)
+    # A resumed training draws its data order afresh from the epoch it resumes at, not epoch 0's again.
+    seed = params.seed + state.epochs
+    keras.utils.set_random_seed(seed)
     mean, variance = inputs.channel_moments(source, splits["train"])
     weights = class_weights(splits["train"]["label"].to_numpy(), params.class_weighting)
     log.info(
-        "training %s on %s (%d train, %d val patches; %d replica(s)); mean %s",
+        "training %s on %s (%d train, %d val patches; %d replica(s)); mean %s; budget %s",
         model_params.architecture,
         manifest,
         len(splits["train"]),
         len(splits["val"]),
         strategy.num_replicas_in_sync,
         [round(m, 1) for m in mean],
+        f"{budget:.0f} s" if budget is not None else "none",
     )
+    best_weights = None
     with strategy.scope():
         model = build_model(model_params, mean, variance)
         compile_for_training(model, params.optimizer, params.learning_rate)
-    settings = inputs.PipelineSettings(params.batch_size, True, params.augment, params.seed, params.shuffle_buffer)
+        if state.weights:
+            model.optimizer.build(model.trainable_variables)
+            if state.best_weights:
+                model.load_weights(str(state.file(state.best_weights)))
+                best_weights = model.get_weights()
+            model.load_weights(str(state.file(state.weights)))  # the model and optimizer after the last epoch
+    settings = inputs.PipelineSettings(params.batch_size, True, params.augment, seed, params.shuffle_buffer)
     train_data = inputs.dataset(source, splits["train"], settings)
-    val_data = inputs.dataset(
-        source, splits["val"], inputs.PipelineSettings(params.batch_size, False, False, params.seed)
-    )
+    val_data = inputs.dataset(source, splits["val"], inputs.PipelineSettings(params.batch_size, False, False, seed))
 
     mlflow.set_system_metrics_sampling_interval(params.system_metrics_interval_seconds)
     tags = lineage.tags() | hardware_tags() | {tracking.TAG_KIND: kind}
@@ -253,47 +371,80 @@ def train(
                     "machine_type": cost.machine_type,
                     "accelerator": cost.accelerator,
                     "tiles": str(tiles),
+                    "budget_seconds": round(budget, 1) if budget is not None else "none",
                 }
             )
             log_training_input(manifest, full, lineage)
         else:
             log.info("resuming MLflow run %s after epoch %d", state.run_id, state.epochs)
+            _log_committed_epoch(state)
 
-        callbacks = [
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
-            ),
-            keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss",
-                factor=params.reduce_lr_factor,
-                patience=params.reduce_lr_patience,
-                min_lr=params.min_learning_rate,
-            ),
-            _epoch_logger(len(splits["train"]), state),
-        ]
-        if checkpoint_dir:
-            # Two copies: a kill while the latest is being written leaves the previous one to resume from.
-            callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint_dir / BACKUP_DIR), double_checkpoint=True))
-        with cli.stdout_to_stderr():
-            history = model.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=params.epochs,
-                class_weight=weights,
-                callbacks=callbacks,
-                verbose=1 if sys.stderr.isatty() else 2,
-            )
+        early = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+        )
+        reduce_lr = keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=params.reduce_lr_factor,
+            patience=params.reduce_lr_patience,
+            min_lr=params.min_learning_rate,
+        )
+        # Last: it sees what EarlyStopping decided, and commits every callback's state with the weights.
+        epoch_end = _epoch_end(
+            state,
+            train_images=len(splits["train"]),
+            epochs=params.epochs,
+            budget=budget,
+            early=early,
+            reduce_lr=reduce_lr,
+            best_weights=best_weights,
+        )
+        if state.stopped_by:  # training ended before the kill; the model was not logged yet
+            log.info("training of run %s already ended (%s)", state.run_id, state.stopped_by)
+            if best_weights is not None:
+                model.set_weights(best_weights)
+        else:
+            with cli.stdout_to_stderr():
+                model.fit(
+                    train_data,
+                    validation_data=val_data,
+                    initial_epoch=state.epochs,
+                    epochs=params.epochs,
+                    class_weight=weights,
+                    callbacks=[early, reduce_lr, epoch_end],
+                    verbose=1 if sys.stderr.isatty() else 2,
+                )  # EarlyStopping restores the best epoch's weights at the end, whatever stopped training
 
         summary = cost_metrics(state.epochs, state.epochs * len(splits["train"]), state.seconds, cost, len(gpus))
         spent = summary["cost_usd"]
-        summary |= _best_epoch(history.history)
+        summary |= state.best
         mlflow.log_metrics(summary)
+        mlflow.set_tag(TAG_STOPPED_BY, state.stopped_by or "epochs")
         version = _log_model(model, source, splits["train"], mean, variance, params if register else None)
         state.status, state.model_version = "finished", version
+        state.weights = state.best_weights = None  # the model is logged: the weights files can go
         state.save()
         metrics = mlflow.get_run(run.info.run_id).data.metrics
-    log.info("run %s: %d epochs, model version %s, cost $%.4f", state.run_id, state.epochs, version, spent)
+    log.info(
+        "run %s: %d epochs (stopped by %s), model version %s, cost $%.4f",
+        state.run_id,
+        state.epochs,
+        state.stopped_by or "epochs",
+        version,
+        spent,
+    )
     return TrainResult(state.run_id, version, state.epochs, metrics)
+
+
+def _log_committed_epoch(state: _RunState) -> None:
+    """Log the last committed epoch's metrics when the killed attempt died between its commit and logging them."""
+    import mlflow
+
+    if not state.last_epoch:
+        return
+    step, metrics = state.last_epoch["step"], state.last_epoch["metrics"]
+    logged = mlflow.MlflowClient().get_metric_history(state.run_id, "epoch_seconds")
+    if not any(m.step == step for m in logged):
+        mlflow.log_metrics(metrics, step=step)
 
 
 def _fingerprint(manifest: Path, tiles: Path, params: TrainParams, model: ModelParams, register: bool) -> str:
@@ -318,14 +469,6 @@ def _run_exists(run_id: str) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
-    """The val metrics of the epoch whose weights were kept (EarlyStopping restores the lowest val_loss)."""
-    if not history.get("val_loss"):
-        return {}
-    best = int(np.argmin(history["val_loss"]))
-    return {"best_epoch": best} | {f"best_val_{m}": history[f"val_{m}"][best] for m in ("loss", *_METRICS)}
 
 
 def _log_model(
@@ -384,6 +527,13 @@ def main() -> None:
     )
     p.add_argument("--checkpoint-dir", type=Path, help="keep the last epoch here; a restarted trainer resumes from it")
     p.add_argument(
+        "--checkpoint-url",
+        metavar="gs://BUCKET/PATH",
+        help="keep the last epoch in the object store too (pulled at start, pushed after every epoch): a trainer "
+        "started again anywhere, with an empty disk, resumes from it (spot GPUs); the local copy is --checkpoint-dir "
+        "or a temporary directory",
+    )
+    p.add_argument(
         "--xcom-out", type=Path, help='write {"run_id", "model_version"} as JSON here (KPO: /airflow/xcom/return.json)'
     )
     p.add_argument(
@@ -413,6 +563,7 @@ def main() -> None:
                 cost=load_section("cost", CostParams, args.params, overrides),
                 lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
                 checkpoint_dir=args.checkpoint_dir,
+                checkpoint_url=args.checkpoint_url,
             )
         if args.xcom_out:
             write_json(args.xcom_out, {"run_id": result.run_id, "model_version": result.model_version})

@@ -23,6 +23,8 @@ def pytest_configure(config):
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="cloudscreen-airflow-home-"))
     os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    # No MLflow usage telemetry from the tests, their servers and subprocesses (MLflow reads it at each event).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def mirror_params(**changes) -> MirrorParams:

@@ -62,6 +62,7 @@ class KubernetesParams(StepParams):
     image: str
     service_account: str  # bound to a Google service account by Workload Identity: no key files anywhere
     gpus: int = Field(ge=0)
+    spot: bool  # the GKE spot (preemptible) GPU pool: its node selector and taint, and the preemptible prices
     node_selector: dict[str, str]
     tolerations: tuple[Toleration, ...]
     requests: dict[str, str]
@@ -83,8 +84,16 @@ class DockerParams(StepParams):
 
 
 class BackendsParams(StepParams):
+    # gs:// base of the image backends' checkpoints (`<base>/<dag_id>/<dag_run_id>`): a trainer killed with its
+    # machine resumes from its last epoch wherever it starts again; null = no checkpoint (a restart trains afresh)
+    checkpoints: str | None = Field(pattern=r"^gs://[^/]+/")
     kubernetes: KubernetesParams
     docker: DockerParams
+
+
+SPOT_LABEL = "cloud.google.com/gke-spot"  # GKE labels and taints spot nodes with it ("true")
+PREEMPTIBLE = "-preemptible"  # the cost table's suffix for the spot price of a machine type or an accelerator
+PRICED_ENV = ("CLOUDSCREEN_MACHINE_TYPE", "CLOUDSCREEN_ACCELERATOR")
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class TrainingRequest:
     tiles: Path
     overrides: tuple[str, ...] = ()
     checkpoint_dir: Path | None = None  # local backend: a retried task resumes from here
+    checkpoint_url: str | None = None  # image backends: gs://... the trainer resumes from wherever it starts
     dag_id: str | None = None
     dag_run_id: str | None = None
 
@@ -142,6 +152,7 @@ class TrainingRequest:
             "--manifest", f"samples/{self.dataset}/manifest.parquet",
             "--tiles", "tiles",
             "--xcom-out", xcom_out,
+            *(["--checkpoint-url", self.checkpoint_url] if self.checkpoint_url else []),
             *self._overrides(),
         ]  # fmt: skip
 
@@ -247,15 +258,20 @@ def kubernetes_spec(
         limits["nvidia.com/gpu"] = str(params.gpus)
     volume = k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource())
     plain_env = {**params.env, **(env or {}), "CLOUDSCREEN_IMAGE": params.image}
+    node_selector, tolerations = dict(params.node_selector), list(params.tolerations)
+    if params.spot:
+        node_selector[SPOT_LABEL] = "true"
+        tolerations.append(Toleration(key=SPOT_LABEL, operator="Equal", value="true", effect="NoSchedule"))
+        plain_env |= spot_prices(plain_env)
     return {
         "namespace": params.namespace,
         "image": params.image,
         "arguments": request_args,
         "service_account_name": params.service_account,
         "container_resources": k8s.V1ResourceRequirements(requests=dict(params.requests), limits=limits),
-        "node_selector": dict(params.node_selector),
+        "node_selector": node_selector,
         "tolerations": [
-            k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in params.tolerations
+            k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in tolerations
         ],
         "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in plain_env.items()]
         + [
@@ -281,4 +297,14 @@ def kubernetes_spec(
         "deferrable": True,
         "on_finish_action": "delete_pod",
         "get_logs": True,
+    }
+
+
+def spot_prices(env: dict[str, str]) -> dict[str, str]:
+    """The pod's machine type and accelerator as the cost table prices them on spot nodes (`<name>-preemptible`), so
+    that cost_usd and a dollar budget count the spot price."""
+    return {
+        var: value if value == "none" or value.endswith(PREEMPTIBLE) else value + PREEMPTIBLE
+        for var, value in env.items()
+        if var in PRICED_ENV
     }

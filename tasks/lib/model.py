@@ -83,11 +83,16 @@ def build_model(params: ModelParams, mean: list[float], variance: list[float]) -
     return keras.Model(inputs, outputs, name=f"cloudscreen_{params.architecture}")
 
 
-def compile_for_training(model: Any, optimizer: str, learning_rate: float) -> None:
-    """Binary cross-entropy with the metrics every run logs per epoch (accuracy, precision, recall, AUC)."""
+def compile_for_training(model: Any, optimizer: str, learning_rate: float, *, jit_compile: bool = False) -> None:
+    """Binary cross-entropy with the metrics every run logs per epoch (accuracy, precision, recall, AUC).
+
+    Args:
+        jit_compile: compile the training step with XLA (Keras' "auto" leaves it off on CPU-only machines).
+    """
     import keras
 
     model.compile(
+        jit_compile=jit_compile,
         optimizer=keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}}),
         loss="binary_crossentropy",
         metrics=[

@@ -331,7 +331,12 @@ def _restore(run: Run, record: xcoms.SnapshotRecord, dataset: str) -> tuple[Path
 
 
 def training_overrides(
-    *, epochs: int | None = None, learning_rate: float | None = None, extra: Iterable[str] = ()
+    *,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    budget_minutes: float | None = None,
+    budget_usd: float | None = None,
+    extra: Iterable[str] = (),
 ) -> tuple[str, ...]:
     """The trigger form's training fields as `section.key=value` overrides (extra ones last, so they win)."""
     overrides = []
@@ -339,6 +344,10 @@ def training_overrides(
         overrides.append(f"train.epochs={int(epochs)}")
     if learning_rate is not None:
         overrides.append(f"train.learning_rate={float(learning_rate)!r}")
+    if budget_minutes is not None:
+        overrides.append(f"train.budget_minutes={float(budget_minutes)!r}")
+    if budget_usd is not None:
+        overrides.append(f"train.budget_usd={float(budget_usd)!r}")
     for item in extra:
         if "=" not in item or "." not in item.partition("=")[0]:
             raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE")
@@ -349,10 +358,17 @@ def training_overrides(
 def plan_training(
     run: Run, *, data: xcoms.TrainingData, dag_id: str | None = None, dag_run_id: str | None = None
 ) -> xcoms.TrainingPlan:
-    """What every backend trains: the pinned data, this run's overrides, the local checkpoint, the lineage; and the
-    trainer image's arguments for the Kubernetes backend (its operator takes them from this task's result)."""
+    """What every backend trains: the pinned data, this run's overrides, the checkpoints (on the worker's disk for
+    the local backend, in the object store for the image backends: `backends.checkpoints`/<dag_id>/<dag_run_id>), the
+    lineage; and the trainer image's arguments for the Kubernetes backend (its operator takes them from this task's
+    result)."""
     from tasks.lib.backends import POD_XCOM_FILE, BackendsParams, TrainingRequest
 
+    backends = run.load("backends", BackendsParams)
+    checkpoint_url = None
+    if backends.checkpoints:
+        parts = (backends.checkpoints.rstrip("/"), dag_id or "cloudscreen", dag_run_id or run.snapshot)
+        checkpoint_url = "/".join(parts)
     request = TrainingRequest(
         snapshot=data["snapshot"],
         data_version=data["data_version"],
@@ -362,13 +378,13 @@ def plan_training(
         overrides=run.overrides,
         # One per training DAG run: a retried task resumes its epochs; another run trains afresh.
         checkpoint_dir=run.dir("checkpoints"),
+        checkpoint_url=checkpoint_url,
         dag_id=dag_id,
         dag_run_id=dag_run_id,
     )
-    kubernetes = run.load("backends", BackendsParams).kubernetes
     return xcoms.TrainingPlan(
         request=request.to_json(),
-        kubernetes_arguments=request.remote_arguments(kubernetes.data_dir, POD_XCOM_FILE),
+        kubernetes_arguments=request.remote_arguments(backends.kubernetes.data_dir, POD_XCOM_FILE),
     )
 
 

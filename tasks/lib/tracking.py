@@ -35,9 +35,23 @@ TAG_DAG_ID = "cloudscreen.dag_id"
 TAG_DAG_RUN_ID = "cloudscreen.dag_run_id"
 TAG_IMAGE = "cloudscreen.image"
 LINEAGE_TAGS = (TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_SNAPSHOT, TAG_DAG_ID, TAG_DAG_RUN_ID, TAG_IMAGE)
-TAG_KIND = "cloudscreen.kind"  # "train", "baseline", "search" or "trial"
+TAG_KIND = "cloudscreen.kind"  # "train", "baseline", "search", "trial" or "evaluation"
+KIND_EVALUATION = "evaluation"  # tasks.evaluate's run of its own: a model evaluated on other data
 TAG_GATE_DECISION = "cloudscreen.gate.decision"
 TAG_GATE_REASONS = "cloudscreen.gate.reasons"
+
+# MLflow's own tags. The UI opens an experiment in its GenAI view (traces) unless the experiment says it holds model
+# training; the note is the description the UI shows (of an experiment, of a run).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+TAG_NOTE = "mlflow.note.content"
+TAG_DATA_CONTEXT = "mlflow.data.context"  # of a run's dataset input: "training", "evaluation"
+EXPERIMENT_DESCRIPTION = (
+    "cloudscreen: the cloud / no_cloud classifier of Sentinel-2 patches. Training runs (tag cloudscreen.kind: train, "
+    "baseline, search and its trials) each log a model, evaluated by tasks.evaluate on the data it was trained on; "
+    "an evaluation of a model on other data is a run of its own (cloudscreen.kind = evaluation) linked to the model. "
+    "The registry alias `champion` names the model in service (tasks.gate)."
+)
 
 
 def run_model_uri(run_id: str) -> str:
@@ -75,29 +89,85 @@ def model_run_id(model_uri: str) -> str:
     Raises:
         EvaluationError: the URI has another form, or names a model or version the registry does not hold.
     """
+    return resolve_model(model_uri).run_id
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: its training run and, in MLflow 3, its logged model; the registered version when the
+    URI names one."""
+
+    uri: str
+    run_id: str  # the run that logged (trained) the model
+    experiment_id: str  # that run's experiment
+    model_id: str | None  # the LoggedModel (models:/m-...); None for a model logged before MLflow 3
+    registered_name: str = ""
+    version: str = ""
+
+
+def resolve_model(model_uri: str) -> ModelRef:
+    """The training run, logged model and registered version behind `runs:/ID/PATH`, `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION` or `models:/m-...` (a logged model).
+
+    Raises:
+        EvaluationError: the URI has another form, or names a run, model or version the store does not hold.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if match := _RUNS_URI.match(model_uri):
-        return match["run_id"]
-    match = _MODELS_URI.match(model_uri)
-    if not match:
-        raise EvaluationError(
-            f"model {model_uri!r}: expected runs:/ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION"
-        )
     client = MlflowClient()
+    name = version = ""
+    model_id: str | None = None
     try:
-        if match["alias"]:
-            run_id = client.get_model_version_by_alias(match["name"], match["alias"]).run_id
-        elif match["version"]:
-            run_id = client.get_model_version(match["name"], match["version"]).run_id
+        if match := _RUNS_URI.match(model_uri):
+            run_id = match["run_id"]
+            path = model_uri[match.end() :].strip("/")
+            run = client.get_run(run_id)
+            found = client.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{path}'",
+            )
+            model_id = found[0].model_id if found else None
+            return ModelRef(model_uri, run_id, run.info.experiment_id, model_id)
+        match = _MODELS_URI.match(model_uri)
+        if not match:
+            raise EvaluationError(
+                f"model {model_uri!r}: expected runs:/ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION"
+            )
+        if match["alias"] or match["version"]:
+            name = match["name"]
+            found_version = (
+                client.get_model_version_by_alias(name, match["alias"])
+                if match["alias"]
+                else client.get_model_version(name, match["version"])
+            )
+            run_id, version = found_version.run_id, str(found_version.version)
+            # A version registered from `models:/m-...` names its logged model in its source (model_id can be unset).
+            source = _MODELS_URI.match(found_version.source or "")
+            model_id = getattr(found_version, "model_id", None) or (
+                source["name"] if source and source["name"].startswith("m-") else None
+            )
         else:
-            run_id = client.get_logged_model(match["name"]).source_run_id
+            logged = client.get_logged_model(match["name"])
+            run_id, model_id = logged.source_run_id, logged.model_id
+        if not run_id:
+            raise EvaluationError(f"model {model_uri!r}: has no source run")
+        experiment = client.get_run(run_id).info.experiment_id
     except MlflowException as exc:
         raise EvaluationError(f"model {model_uri!r}: {exc.message}") from exc
-    if not run_id:
-        raise EvaluationError(f"model {model_uri!r}: has no source run to log the evaluation to")
-    return run_id
+    return ModelRef(model_uri, run_id, experiment, model_id, name, version)
+
+
+def training_digests(run_id: str) -> set[str]:
+    """Digests of the datasets run `run_id` logged as its training input (empty when it logged none)."""
+    from mlflow.tracking import MlflowClient
+
+    inputs = MlflowClient().get_run(run_id).inputs
+    return {
+        entry.dataset.digest
+        for entry in (inputs.dataset_inputs if inputs else [])
+        if any(tag.key == TAG_DATA_CONTEXT and tag.value == "training" for tag in entry.tags)
+    }
 
 
 @dataclass(frozen=True)
@@ -147,7 +217,8 @@ def _git_commit() -> str:
 
 
 def experiment_id(name: str) -> str:
-    """The id of experiment `name` (MLFLOW_EXPERIMENT_NAME wins when set), created when missing.
+    """The id of experiment `name` (MLFLOW_EXPERIMENT_NAME wins when set), created when missing; either way it is
+    tagged as model development with a description (EXPERIMENT_DESCRIPTION), so the MLflow UI opens it on its runs.
 
     Runs are started with this id explicitly: `mlflow.set_experiment` would also set MLFLOW_EXPERIMENT_ID in the
     environment, which every later run and subprocess then follows, whatever tracking store it talks to.
@@ -158,12 +229,34 @@ def experiment_id(name: str) -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by a concurrent run
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(name, tags=_experiment_tags({}))
+        except MlflowException:  # created meanwhile by a concurrent run
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    for key, value in _experiment_tags(found.tags).items():
+        client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def experiment_ui_url(base: str, experiment: str) -> str:
+    """The MLflow UI's page of an experiment, opened on its training runs.
+
+    MLflow 3.17's UI picks its GenAI or model-training view with a switch of its own, remembered in the browser and
+    GenAI by default; the experiment's kind tag no longer decides. `workflowType=machine_learning` selects the
+    model-training view, which opens an experiment on its runs table.
+    """
+    return f"{base.rstrip('/')}/#/experiments/{experiment}?workflowType=machine_learning"
+
+
+def _experiment_tags(present: dict[str, str]) -> dict[str, str]:
+    """The experiment tags still to set: the kind when it is not model development, the description when there is
+    none (one written by hand in the UI stays)."""
+    tags = {}
+    if present.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+        tags[TAG_EXPERIMENT_KIND] = EXPERIMENT_KIND
+    if not present.get(TAG_NOTE):
+        tags[TAG_NOTE] = EXPERIMENT_DESCRIPTION
+    return tags

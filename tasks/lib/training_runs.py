@@ -55,12 +55,28 @@ class CostParams(StepParams):
             raise ConfigError(f"cost from the environment: {exc}") from exc
 
 
-def cost_usd(seconds: float, cost: CostParams, accelerators: int) -> float:
-    """What `seconds` of wall time cost on the configured machine with `accelerators` of the configured GPU."""
+def hourly_usd(cost: CostParams, accelerators: int) -> float:
+    """The price of an hour on the configured machine with `accelerators` of the configured GPU (at least one)."""
     hourly = cost.machine_usd_per_hour[cost.machine_type]
     if cost.accelerator != "none":
         hourly += cost.accelerator_usd_per_hour[cost.accelerator] * max(accelerators, 1)
-    return seconds / 3600 * hourly
+    return hourly
+
+
+def cost_usd(seconds: float, cost: CostParams, accelerators: int) -> float:
+    """What `seconds` of wall time cost on the configured machine with `accelerators` of the configured GPU."""
+    return seconds / 3600 * hourly_usd(cost, accelerators)
+
+
+def budget_seconds(*, minutes: float | None, usd: float | None, cost: CostParams, accelerators: int) -> float | None:
+    """The wall time a training may spend (over all its attempts): `minutes`, or what `usd` buys at the machine's
+    hourly price (cost_usd's arithmetic), whichever is shorter; None without a budget. On a machine priced at zero a
+    dollar budget never runs out."""
+    limits = [] if minutes is None else [minutes * 60]
+    hourly = hourly_usd(cost, accelerators)
+    if usd is not None and hourly > 0:
+        limits.append(usd / hourly * 3600)
+    return min(limits) if limits else None
 
 
 def cost_metrics(epochs: int, images: int, seconds: float, cost: CostParams, accelerators: int) -> dict[str, float]:

@@ -47,22 +47,28 @@ def require_chromium() -> None:
         )
 
 
+def chromium(profile: Path) -> object:
+    """Headless Chromium through chromedriver with a fresh profile in `profile` (no local storage carried over)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+
+
 @pytest.fixture(scope="module")
 def browser(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Chromium through chromedriver, logged in to the stack's UI as the admin."""
     require_chromium()  # before the stack starts: a minute saved when it is missing
     e2e_stack: E2EStack = request.getfixturevalue("e2e_stack")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     try:
         stack = e2e_stack.airflow
         driver.get(f"{stack.url}/auth/login")

@@ -1,5 +1,7 @@
 """tasks.evaluate end to end: a stand-in pyfunc classifier logged to a SQLite MLflow store, evaluated on a tiled
-and sampled small mirror; what the run then holds (metrics, artifacts, tags), model URIs, and the CLI."""
+and sampled small mirror; what the run then holds (metrics, artifacts, tags), model URIs, and the CLI. An evaluation
+on other data than the model was trained on is a run of its own, linked to the model; the training run stays as it
+was."""
 
 from __future__ import annotations
 
@@ -48,9 +50,13 @@ def tracking_root(tmp_path_factory) -> Path:
         yield root
 
 
-def log_brightness_model(root: Path, **config) -> tuple[str, str]:
-    """Log the stand-in classifier to a new run; return (run id, logged model URI)."""
+def log_brightness_model(root: Path, trained_on: Path | None = None, **config) -> tuple[str, str]:
+    """Log the stand-in classifier to a new run, with `trained_on` as its training input the way tasks.train logs it;
+    return (run id, logged model URI)."""
     import mlflow
+
+    from tasks.lib.tracking import Lineage
+    from tasks.lib.training_runs import log_training_input
 
     experiment = mlflow.get_experiment_by_name("evaluate-tests")
     experiment_id = (
@@ -60,6 +66,8 @@ def log_brightness_model(root: Path, **config) -> tuple[str, str]:
         else mlflow.create_experiment("evaluate-tests", artifact_location=(root / "artifacts").as_uri())
     )
     with mlflow.start_run(experiment_id=experiment_id) as run:
+        if trained_on is not None:
+            log_training_input(trained_on, pd.read_parquet(trained_on), Lineage.from_environment())
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(BRIGHTNESS_MODEL),
@@ -75,10 +83,11 @@ def params() -> ev.EvaluateParams:
 
 
 @pytest.fixture(scope="module")
-def logged(tracking_root):
+def logged(tracking_root, training_data):
     import mlflow
 
-    run_id, logged_uri = log_brightness_model(tracking_root, output="column")  # (n, 1) output: coerced
+    # (n, 1) output: coerced. "Trained" on the small set: the large set is other data.
+    run_id, logged_uri = log_brightness_model(tracking_root, training_data.manifest("small"), output="column")
     registered = mlflow.register_model(run_model_uri(run_id), REGISTERED)
     mlflow.MlflowClient().set_registered_model_alias(REGISTERED, CHAMPION, registered.version)
     return {"run_id": run_id, "logged_uri": logged_uri, "version": registered.version}
@@ -244,9 +253,132 @@ def test_an_unknown_run_or_a_model_breaking_the_contract_is_an_error(tracking_ro
         ev.evaluate(model_uri=uri, log_to_run=run_id, **common)
 
 
-def test_cli_evaluates_a_registered_alias_and_prints_a_summary(evaluation, logged, training_data):
+def training_record(run_id: str) -> dict:
+    """What a run says about itself: metrics, tags, the length of every metric's history, artifacts, inputs."""
     from mlflow import MlflowClient
 
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    return {
+        "metrics": run.data.metrics,
+        "tags": run.data.tags,
+        "history": {name: len(client.get_metric_history(run_id, name)) for name in run.data.metrics},
+        "artifacts": sorted(a.path for a in client.list_artifacts(run_id, EVALUATION_DIR)),
+        "inputs": sorted((i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs),
+    }
+
+
+def equal_records(a: dict, b: dict) -> bool:
+    metrics_equal = a["metrics"].keys() == b["metrics"].keys() and all(
+        same(a["metrics"][k], b["metrics"][k]) for k in a["metrics"]
+    )
+    return metrics_equal and all(a[k] == b[k] for k in ("tags", "history", "artifacts", "inputs"))
+
+
+@pytest.fixture(scope="module")
+def elsewhere(evaluation, logged, training_data, params):
+    """The champion evaluated on the large set (not its training data), with the training run's record before."""
+    before = training_record(logged["run_id"])
+    result = ev.evaluate(
+        model_uri=f"models:/{REGISTERED}@{CHAMPION}",
+        manifest=training_data.manifest("large"),
+        tiles=training_data.tiles,
+        params=params,
+        log_to_run=None,
+        log_evaluation=True,
+    )
+    return before, result
+
+
+def test_an_evaluation_on_other_data_leaves_the_training_run_as_it_was(elsewhere, logged, evaluation):
+    before, result = elsewhere
+    assert result.kind == "evaluation" and result.run_id not in (None, logged["run_id"])
+    after = training_record(logged["run_id"])
+    assert equal_records(after, before)
+    # The figures really differ: were they written over the training run, the check above would catch it.
+    assert not same(result.metrics["test_op_precision"], evaluation.metrics["test_op_precision"])
+    assert after["tags"][ev.TAG_MANIFEST].endswith("small/manifest.parquet")
+
+
+def test_the_evaluation_run_holds_the_new_figures_linked_to_the_model(elsewhere, logged, training_data):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.lib.tracking import KIND_EVALUATION, TAG_KIND
+
+    _, result = elsewhere
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    training = client.get_run(logged["run_id"])
+    model_id = run_model_uri(logged["run_id"]).removeprefix("models:/")
+    assert run.info.experiment_id == training.info.experiment_id and run.info.status == "FINISHED"
+    for name, value in result.metrics.items():
+        assert same(run.data.metrics[name], float(value)), name
+    tags = run.data.tags
+    large = training_data.manifest("large")
+    assert tags[TAG_KIND] == KIND_EVALUATION
+    assert tags[ev.TAG_TRAINING_RUN] == logged["run_id"] and tags[ev.TAG_MODEL_ID] == model_id
+    assert (tags[ev.TAG_REGISTERED_MODEL], tags[ev.TAG_MODEL_VERSION]) == (REGISTERED, str(logged["version"]))
+    assert tags[ev.TAG_MODEL_URI] == f"models:/{REGISTERED}@{CHAMPION}"
+    assert tags[ev.TAG_MANIFEST] == str(large.resolve())
+    assert sorted(a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, EVALUATION_DIR)) == sorted(
+        ev.ARTIFACTS
+    )
+    # Linked to the model: the run takes it as input, and the logged model holds the metrics by dataset.
+    assert [i.model_id for i in run.inputs.model_inputs] == [model_id]
+    (data,) = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == ev.DATA_CONTEXT
+    digest = mlflow.data.from_pandas(pd.read_parquet(large)).digest
+    assert data.dataset.digest == digest
+    by_data = {
+        (m.dataset_digest, m.run_id): m.value
+        for m in client.get_logged_model(model_id).metrics
+        if m.key == "test_op_precision"
+    }
+    assert by_data[(digest, result.run_id)] == pytest.approx(result.metrics["test_op_precision"])
+    (trained,) = [i.dataset.digest for i in training.inputs.dataset_inputs]
+    assert by_data[(trained, logged["run_id"])] == pytest.approx(training.data.metrics["test_op_precision"])
+
+
+def test_on_its_own_data_the_evaluation_goes_to_the_training_run(elsewhere, logged, training_data, params):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    history = len(client.get_metric_history(logged["run_id"], "test_op_recall"))
+    result = ev.evaluate(
+        model_uri=f"models:/{REGISTERED}/{logged['version']}",
+        manifest=training_data.manifest("small"),
+        tiles=training_data.tiles,
+        params=params,
+        log_to_run=None,
+        log_evaluation=True,
+    )
+    assert (result.kind, result.run_id) == ("training", logged["run_id"])
+    assert len(client.get_metric_history(logged["run_id"], "test_op_recall")) == history + 1
+
+
+def test_the_training_run_refuses_an_evaluation_on_other_data(logged, training_data, params):
+    with pytest.raises(EvaluationError, match=rf"run {logged['run_id']} was trained on other data"):
+        ev.evaluate(
+            model_uri=run_model_uri(logged["run_id"]),
+            manifest=training_data.manifest("large"),
+            tiles=training_data.tiles,
+            params=params,
+            log_to_run=logged["run_id"],
+        )
+    with pytest.raises(EvaluationError, match="ask for one"):
+        ev.evaluate(
+            model_uri=run_model_uri(logged["run_id"]),
+            manifest=training_data.manifest("small"),
+            tiles=training_data.tiles,
+            params=params,
+            log_to_run=logged["run_id"],
+            log_evaluation=True,
+        )
+
+
+def test_cli_evaluates_the_champion_elsewhere_in_a_run_of_its_own(elsewhere, logged, training_data):
+    """The issue's case: `tasks.evaluate --model models:/NAME@champion --manifest OTHER`."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     command = [
         sys.executable,
@@ -255,21 +387,22 @@ def test_cli_evaluates_a_registered_alias_and_prints_a_summary(evaluation, logge
         "--model",
         f"models:/{REGISTERED}@{CHAMPION}",
         "--manifest",
-        str(training_data.manifest("small")),
+        str(training_data.manifest("large")),
         "--tiles",
         str(training_data.tiles),
         "--set",
         "evaluate.batch_size=7",
     ]
+    before = training_record(logged["run_id"])
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["run_id"] == logged["run_id"]
+    _, result = elsewhere
+    assert summary["logged_to"] == "evaluation" and summary["run_id"] not in (logged["run_id"], result.run_id)
     assert summary["model_uri"] == f"models:/{REGISTERED}@{CHAMPION}"
-    assert summary[OPERATING_THRESHOLD] == pytest.approx(evaluation.threshold)
-    assert summary["test_op_recall"] == pytest.approx(evaluation.metrics["test_op_recall"])
-    history = MlflowClient().get_metric_history(logged["run_id"], "test_op_recall")
-    assert len(history) >= 2  # logged again to the alias's source run
+    assert summary[OPERATING_THRESHOLD] == pytest.approx(result.threshold)
+    assert summary["test_op_precision"] == pytest.approx(result.metrics["test_op_precision"])
+    assert equal_records(training_record(logged["run_id"]), before)
 
 
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):

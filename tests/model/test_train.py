@@ -19,7 +19,7 @@ from tasks.lib.config import load_section
 from tasks.lib.model import ModelParams
 from tasks.lib.tiles import load_patches
 from tasks.lib.training_runs import CostParams
-from tasks.train import RUN_STATE_FILE, TrainParams, train
+from tasks.train import RUN_STATE_FILE, TAG_STOPPED_BY, TrainParams, train
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -144,6 +144,32 @@ def test_packaged_normalisation_is_the_train_splits_alone(trained, training_data
     np.testing.assert_allclose(recorded["mean"], train_mean, rtol=1e-9)
     assert not np.allclose(recorded["mean"], all_mean, rtol=1e-9)  # val and test never leak into it
     assert recorded["channels"] == ["B04", "B03", "B02"] and recorded["dtype"] == "uint16"
+
+
+def test_a_run_without_a_budget_records_what_ended_it(run, trained):
+    assert run.data.tags[TAG_STOPPED_BY] == "epochs"  # 3 epochs, early-stopping patience 12
+    assert trained.epochs == 3
+    assert run.data.params["budget_minutes"] == "None" and run.data.params["budget_usd"] == "None"
+    assert run.data.params["budget_seconds"] == "none"
+
+
+def test_a_tiny_budget_stops_training_after_the_epoch_in_progress(training_data, tracking_uri):
+    import mlflow
+
+    lineage = tracking.Lineage.from_environment(snapshot="2026-11-16", data_version=None)
+    # 60 ms: spent before the first epoch ends, which still finishes (as AutoML's node-hour budget does)
+    result = train(
+        manifest=training_data.manifest(), tiles=training_data.tiles, lineage=lineage, register=False,
+        **sections("train.epochs=5", "train.budget_minutes=0.001"),
+    )  # fmt: skip
+    run = mlflow.get_run(result.run_id)
+    assert result.epochs == 1 and run.data.metrics["epochs_run"] == 1
+    assert run.data.tags[TAG_STOPPED_BY] == "budget"
+    assert float(run.data.params["budget_minutes"]) == 0.001 and run.data.params["budget_usd"] == "None"
+    assert float(run.data.params["budget_seconds"]) == pytest.approx(0.06, abs=0.05)
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")
+    assert [m.step for m in history] == [0]
+    assert run.data.metrics["best_epoch"] == 0 and run.data.metrics["best_val_loss"] == history[0].value
 
 
 def _cli(training_data, tmp_path: Path, *extra: str) -> list[str]:

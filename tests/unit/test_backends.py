@@ -65,6 +65,10 @@ def test_image_arguments_restore_the_data_version_and_use_paths_inside_it(reques
     assert args["--xcom-out"] == ["/airflow/xcom/return.json"]
     assert args["--set"] == list(request_.overrides)
     assert "--checkpoint-dir" not in args  # the worker's disk is not the container's
+    assert "--checkpoint-url" not in args
+    remote = TrainingRequest.from_json(request_.to_json() | {"checkpoint_url": "gs://b/checkpoints/d/r"})
+    assert pairs(remote.remote_arguments("/data", POD_XCOM_FILE))["--checkpoint-url"] == ["gs://b/checkpoints/d/r"]
+    assert "--checkpoint-url" not in remote.local_arguments(Path("out.json"))
 
 
 def test_request_survives_xcom(request_):
@@ -129,3 +133,22 @@ def test_a_failing_trainer_fails_the_task_with_the_end_of_its_log(request_, tmp_
     assert "exited with code 2" in message
     assert str(request_.manifest) in message  # the trainer's own one-line error, carried into the task's failure
     assert not Path(tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_the_spot_pool_adds_gkes_selector_and_toleration_and_the_preemptible_prices():
+    from tasks.lib.training_runs import CostParams
+
+    on_demand = load_section("backends", BackendsParams).kubernetes
+    assert on_demand.spot is False
+    spot = on_demand.model_copy(update={"spot": True})
+    regular, preemptible = kubernetes_spec([], on_demand), kubernetes_spec([], spot)
+    assert "cloud.google.com/gke-spot" not in regular["node_selector"]
+    assert preemptible["node_selector"] == on_demand.node_selector | {"cloud.google.com/gke-spot": "true"}
+    (added,) = [t for t in preemptible["tolerations"] if t.key == "cloud.google.com/gke-spot"]
+    assert (added.operator, added.value, added.effect) == ("Equal", "true", "NoSchedule")
+    env = {e.name: e.value for e in preemptible["env_vars"]}
+    cost = load_section("cost", CostParams)
+    assert env["CLOUDSCREEN_MACHINE_TYPE"] == on_demand.env["CLOUDSCREEN_MACHINE_TYPE"] + "-preemptible"
+    assert env["CLOUDSCREEN_MACHINE_TYPE"] in cost.machine_usd_per_hour
+    assert env["CLOUDSCREEN_ACCELERATOR"] in cost.accelerator_usd_per_hour
+    assert env["CLOUDSCREEN_ACCELERATOR"].endswith("-preemptible")

@@ -147,6 +147,21 @@ def test_the_training_form_offers_the_run_choices(training):
         bad.validate()
 
 
+def test_the_training_form_offers_a_budget_in_minutes_or_dollars(training):
+    from airflow.sdk.definitions.param import ParamsDict
+
+    params = training.params
+    form = ParamsDict({k: params.get_param(k) for k in params})
+    assert form["budget_minutes"] is None and form["budget_usd"] is None  # params.yaml's budget (none) by default
+    form.update({"budget_minutes": 4.5, "budget_usd": 0.2})
+    form.validate()
+    for field, value in (("budget_minutes", 0), ("budget_usd", -1)):
+        bad = ParamsDict({k: params.get_param(k) for k in params})
+        with pytest.raises(Exception, match=r"budget|Minimum|minimum"):
+            bad.update({field: value})
+            bad.validate()
+
+
 def rendered_pod(training, arguments: list[str]) -> dict:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
     from kubernetes.client import ApiClient

@@ -60,6 +60,7 @@ def test_the_k8s_files_are_the_ones_the_gpu_backend_needs():
         "serviceaccount.yaml",
         "mlflow-secret.example.yaml",
         "trainer-pod.yaml",
+        "trainer-pod-spot.yaml",
     }
 
 
@@ -399,3 +400,41 @@ def test_the_dockerignore_keeps_local_state_out_of_every_build():
         sent = context_files(REPO, relative)
         for local in (".venv", ".local", ".git", "tests", "test-artifacts"):
             assert not any(p == local or p.startswith(local + "/") for p in sent), (path.name, local)
+
+
+def test_the_spot_pod_is_the_trainer_pod_on_the_spot_pool_at_preemptible_prices(pod):
+    """trainer-pod-spot.yaml is trainer-pod.yaml plus GKE's spot selector and toleration and the spot prices, as the
+    backend renders it with `backends.kubernetes.spot: true`."""
+    from tasks.lib.backends import BackendsParams, kubernetes_spec
+    from tasks.lib.training_runs import CostParams
+
+    (spot,) = _resources(K8S / "trainer-pod-spot.yaml")
+    assert spot["spec"]["nodeSelector"] == pod["spec"]["nodeSelector"] | {"cloud.google.com/gke-spot": "true"}
+    toleration = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    assert spot["spec"]["tolerations"] == [*pod["spec"]["tolerations"], toleration]
+    (container,) = spot["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    cost = load_section("cost", CostParams)
+    assert env["CLOUDSCREEN_MACHINE_TYPE"] == "n1-standard-8-preemptible" in cost.machine_usd_per_hour
+    assert env["CLOUDSCREEN_ACCELERATOR"] == "nvidia-tesla-v100-preemptible" in cost.accelerator_usd_per_hour
+    # everything else is the on-demand pod's
+    unchanged = copy.deepcopy(spot)
+    unchanged["metadata"]["name"] = pod["metadata"]["name"]
+    unchanged["spec"]["nodeSelector"], unchanged["spec"]["tolerations"] = (
+        pod["spec"]["nodeSelector"], pod["spec"]["tolerations"]
+    )  # fmt: skip
+    unchanged["spec"]["containers"][0]["env"] = pod["spec"]["containers"][0]["env"]
+    assert unchanged == pod
+
+    settings = load_section("backends", BackendsParams, overrides=["backends.kubernetes.spot=true"]).kubernetes
+    rendered = kubernetes_spec([], settings)
+    assert rendered["node_selector"] == spot["spec"]["nodeSelector"]
+    assert [t.to_dict() for t in rendered["tolerations"]] == [
+        {"key": t["key"], "operator": t["operator"], "value": t.get("value"), "effect": t["effect"],
+         "toleration_seconds": None}
+        for t in spot["spec"]["tolerations"]
+    ]  # fmt: skip
+    rendered_env = {e.name: e.value for e in rendered["env_vars"]}
+    assert {k: rendered_env[k] for k in ("CLOUDSCREEN_MACHINE_TYPE", "CLOUDSCREEN_ACCELERATOR")} == {
+        k: env[k] for k in ("CLOUDSCREEN_MACHINE_TYPE", "CLOUDSCREEN_ACCELERATOR")
+    }

@@ -105,6 +105,7 @@ def test_training_form_fields_become_overrides():
         "train.batch_size=64",
     )
     assert training_overrides() == ()
+    assert training_overrides(budget_minutes=4, budget_usd=0.5) == ("train.budget_minutes=4.0", "train.budget_usd=0.5")
     with pytest.raises(ConfigError, match=r"SECTION\.KEY=VALUE"):
         training_overrides(extra=["epochs=3"])
 
