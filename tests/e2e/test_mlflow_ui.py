@@ -37,12 +37,15 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     require_chromium()  # before the server starts
     root = tmp_path_factory.mktemp("mlflow_ui")
     server = mlflow_server(backend_uri=f"sqlite:///{root / 'mlflow.db'}", artifacts_destination=str(root / "artifacts"))
+    import mlflow
+
+    # An earlier test of the session may have called mlflow.set_tracking_uri, which wins over the environment.
+    previous = mlflow.get_tracking_uri()
     with server as uri, pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("GIT_PYTHON_REFRESH", "quiet")
         mp.chdir(root)
-        import mlflow
-
+        mlflow.set_tracking_uri(uri)
         experiment = tracking.experiment_id(EXPERIMENT)
         for name in ("train-earlier", "train-latest"):
             tags = {tracking.TAG_KIND: "train"}
@@ -54,7 +57,10 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
                     pip_requirements=["mlflow"],  # skips requirement inference
                     registered_model_name=REGISTERED,
                 )
-        yield {"uri": uri, "experiment": experiment, "latest": name, "run_id": run.info.run_id, "version": "2"}
+        try:
+            yield {"uri": uri, "experiment": experiment, "latest": name, "run_id": run.info.run_id, "version": "2"}
+        finally:
+            mlflow.set_tracking_uri(previous)
 
 
 def test_the_experiment_says_it_holds_model_training(tracked):
