@@ -13,7 +13,6 @@ directory and resumes from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -21,6 +20,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.files import file_digest
 from tasks.lib.gcs import gcs_client, split_gs_url
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,8 @@ STATE_FILE = "run.json"
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The digest run.json records for each file it names."""
+    return file_digest(path, "md5")
 
 
 def read_local(directory: Path) -> dict[str, Any] | None:
