@@ -13,14 +13,15 @@ export UV_PYTHON := $(PYTHON_VERSION)
 # ...` turns it on (mlflow/README.md).
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: help setup demo test lint bench tracking clean up browser
+.PHONY: help setup demo test lint bench tracking serve clean up browser
 
 help:
-	@echo "make demo   build the embedded BigEarthNet-format mirror and serve it on loopback; run the refresh DAG (download, validate, tile, sample, version) and the training DAG (train, evaluate, gate) with dag.test(), a real MLflow server and the GCS emulator"
+	@echo "make demo   build the embedded BigEarthNet-format mirror and serve it on loopback; run the refresh DAG (download, validate, tile, sample, version), the training DAG (train, evaluate, gate) and, with a champion, the screening DAG (screen, monitor) with dag.test(), a real MLflow server and the GCS emulator"
 	@echo "make test   lint, then every test (unit, data, model, integration with real servers on loopback, end to end: DAG runs, a real scheduler, the UI)"
 	@echo "make lint   ruff check + ruff format --check, hadolint, the compose schema, kubernetes-validate"
 	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"
 	@echo "make tracking  MLflow server on http://127.0.0.1:5000 (SQLite .local/mlflow.db; artifacts in the GCS emulator, .local/gcs)"
+	@echo "make serve  the registry's champion over HTTP on http://127.0.0.1:8000 (POST /invocations), following the alias; needs make tracking or make up"
 	@echo "make up     the local stack until Ctrl-C: Airflow UI + REST API on http://127.0.0.1:8080 (.local/airflow), MLflow UI on http://127.0.0.1:5000, GCS emulator (.local/gcs)"
 	@echo "make browser  install chromium + chromium-driver with apt-get when missing (the UI test needs them; root)"
 
@@ -52,10 +53,17 @@ bench: setup
 	$(PY) -m bench.tile
 	$(PY) -m bench.train_input
 	$(PY) -m bench.orchestration
+	$(PY) -m bench.inference
+	$(PY) -m bench.screen
+	$(PY) -m bench.serve
 
 # Foreground, Ctrl-C stops it. Configured by the MLFLOW_* variables of mlflow/server.sh (see mlflow/README.md).
 tracking: setup
 	$(PY) -m ops.tracking_server --with-emulator $(LOCAL)/gcs
+
+# Foreground, Ctrl-C stops it: tasks.serve against the local tracking server (make tracking or make up running).
+serve: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-http://127.0.0.1:5000} $(PY) -m tasks.serve
 
 clean:
 	rm -rf $(LOCAL)/data $(LOCAL)/gcs $(LOCAL)/mlflow.db $(LOCAL)/airflow test-artifacts

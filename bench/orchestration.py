@@ -41,8 +41,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(SCRATCH, ignore_errors=True)
-    tasks = {f"{o.dag_id}.{task}": seconds for o in (outcome.refresh, outcome.training)
-             for task, seconds in o.task_seconds.items() if seconds}  # fmt: skip
+    runs = [outcome.refresh, outcome.training, *([outcome.screening] if outcome.screening else [])]
+    tasks = {f"{o.dag_id}.{task}": seconds for o in runs for task, seconds in o.task_seconds.items() if seconds}
     print("\ntask                                   seconds")
     for name, seconds in tasks.items():
         print(f"{name:<38} {seconds:7.1f}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from ops import alerts
 from tasks.lib import pipeline, xcoms
 from tasks.lib.errors import fail_fast
 
@@ -36,7 +37,10 @@ def _run() -> pipeline.Run:
     start_date=pipeline.start_datetime(SETTINGS),
     catchup=False,  # past intervals are backfilled on purpose (UI, REST API, `airflow backfill create`)
     max_active_runs=SETTINGS.max_active_runs,
-    default_args=pipeline.task_defaults(SETTINGS, io=False, timeout="io"),
+    default_args={
+        **pipeline.task_defaults(SETTINGS, io=False, timeout="io"),
+        "on_failure_callback": alerts.on_failure(),
+    },
     tags=["cloudscreen", "data"],
     params={
         "snapshot": Param(

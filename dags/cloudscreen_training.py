@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from ops import alerts
 from tasks.lib import backends, pipeline, xcoms
 from tasks.lib.config import load_section
 from tasks.lib.errors import fail_fast
@@ -17,6 +18,10 @@ from tasks.lib.errors import fail_fast
 SETTINGS = pipeline.load_pipeline_params()
 KUBERNETES = load_section("backends", backends.BackendsParams).kubernetes
 TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)
+CHAMPION = Asset(**pipeline.CHAMPION_ASSET)
+DRIFT = Asset(**pipeline.DRIFT_ASSET)
+# What retrains besides the schedule: every refreshed snapshot, or only a drift or decay verdict of the monitoring.
+RETRAIN_ASSETS = {"every_snapshot": [TRAINING_DATA], "drift": [DRIFT]}[SETTINGS.retrain_on]
 TRAIN_TASKS = {backend: f"train_{backend}" for backend in pipeline.BACKENDS}
 TRAIN = {**pipeline.task_defaults(SETTINGS, io=False, timeout="train"), "pool": SETTINGS.gpu_pool}
 EVALUATE = pipeline.task_defaults(SETTINGS, io=True, timeout="evaluate")
@@ -46,12 +51,15 @@ def _run() -> pipeline.Run:
     dag_id="cloudscreen_training",
     # New data (every refresh) or the periodic retrain, whichever comes first.
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(SETTINGS.retrain_schedule, timezone="UTC"), assets=[TRAINING_DATA]
+        timetable=CronTriggerTimetable(SETTINGS.retrain_schedule, timezone="UTC"), assets=RETRAIN_ASSETS
     ),
     start_date=pipeline.start_datetime(SETTINGS),
     catchup=False,
     max_active_runs=1,  # one challenger at a time: the gate compares against the champion of the moment
-    default_args=pipeline.task_defaults(SETTINGS, io=False, timeout="evaluate"),
+    default_args={
+        **pipeline.task_defaults(SETTINGS, io=False, timeout="evaluate"),
+        "on_failure_callback": alerts.on_failure(),
+    },
     tags=["cloudscreen", "model"],
     params={
         "dataset": Param(SETTINGS.dataset, enum=["small", "large"], description="The sample set to train on."),
@@ -100,14 +108,18 @@ def _run() -> pipeline.Run:
     },
     doc_md=__doc__
     + """
-Runs when `cloudscreen_refresh` records a new snapshot (the `cloudscreen_training_data` Asset) and on
-`pipeline.retrain_schedule` (monthly by default) even when no new data came. The trigger form picks the snapshot, the
-set, epochs, learning rate, a training budget (minutes or dollars), the training backend and a forced promotion.
+Runs when `cloudscreen_refresh` records a new snapshot (the `cloudscreen_training_data` Asset) or, with
+`pipeline.retrain_on: drift`, only when the monitoring reports drift or decay (the `cloudscreen_drift` Asset); and on
+`pipeline.retrain_schedule` (monthly by default) either way. The MLflow run records why it trained
+(`cloudscreen.trigger`: new_data, drift with the monitoring's reasons, schedule or manual). The trigger form picks the
+snapshot, the set, epochs, learning rate, a training budget (minutes or dollars), the training backend and a forced
+promotion.
 
 The model is trained on the snapshot's pinned data version (recorded as the MLflow run's lineage tags), registered as
 `challenger`, evaluated on test and the natural-prevalence set (metrics and plots in its MLflow run), and the gate
-promotes it to `champion` or keeps the champion, with its reasons in `gate.json`. The last task's output (and log) is
-a summary with the MLflow run link and the verdict.
+promotes it to `champion` or keeps the champion, with its reasons in `gate.json`. A promotion is announced on the
+`cloudscreen_champion` Asset, which `cloudscreen_screening` follows. The last task's output (and log) is a summary with
+the MLflow run link and the verdict.
 """,
 )
 def cloudscreen_training():
@@ -127,7 +139,10 @@ def cloudscreen_training():
         ]
         params = context["params"]
         pipeline.check_training_form(force_promote=params["force_promote"], reason=params["reason"])
-        return pipeline.training_data(_run(), snapshot=params["snapshot"], events=events, dataset=params["dataset"])
+        data = pipeline.training_data(_run(), snapshot=params["snapshot"], events=events, dataset=params["dataset"])
+        run_type = context["dag_run"].run_type
+        trigger, reasons = pipeline.training_trigger(run_type=getattr(run_type, "value", run_type), events=events)
+        return {**data, "trigger": trigger, "trigger_reasons": reasons}
 
     @task
     @PERMANENT_FAILS
@@ -178,9 +193,11 @@ def cloudscreen_training():
 
     @task(trigger_rule="none_failed_min_one_success")
     @PERMANENT_FAILS
-    def training_result() -> xcoms.Trained:
-        """The result of whichever backend trained."""
+    def training_result(data: xcoms.TrainingData) -> xcoms.Trained:
+        """The result of whichever backend trained; its MLflow run is tagged with why it trained
+        (`cloudscreen.trigger`: new_data, drift, schedule or manual, and the reasons)."""
         results = [r for r in get_current_context()["ti"].xcom_pull(task_ids=list(TRAIN_TASKS.values())) if r]
+        pipeline.record_trigger(results[0]["run_id"], data)
         return {**results[0], "backend": get_current_context()["params"]["backend"]}
 
     @task(**EVALUATE)
@@ -190,7 +207,7 @@ def cloudscreen_training():
         predictions, all logged to its MLflow run. Output: the operating threshold and the metrics."""
         return pipeline.evaluate_step(_run(), run_id=trained["run_id"], data=data)
 
-    @task(**EVALUATE)
+    @task(**EVALUATE, on_success_callback=alerts.on_result("gate"))
     @PERMANENT_FAILS
     def gate(trained: xcoms.Trained, evaluated: xcoms.Evaluated) -> xcoms.GateDecision:
         """Promote the challenger to `champion` or keep the champion (floors, non-regression, slices, McNemar, cost);
@@ -210,10 +227,24 @@ def cloudscreen_training():
             _run(), data=data, trained=trained, evaluation=evaluated, verdict=verdict, backend=trained["backend"]
         )
 
-    trained = training_result()
+    @task(outlets=[CHAMPION])
+    @PERMANENT_FAILS
+    def new_champion(verdict: xcoms.GateDecision) -> None:
+        """Announce a promotion on the `cloudscreen_champion` Asset (cloudscreen_screening screens with the new
+        champion); skipped, so no event, when the champion stayed."""
+        if not verdict["promoted"]:
+            raise AirflowSkipException(f"the gate decided {verdict['decision']}: the champion did not change")
+        get_current_context()["outlet_events"][CHAMPION].extra = {
+            "version": verdict["registry"]["champion"],
+            "decision": verdict["decision"],
+        }
+
+    trained = training_result(data)
     trained_by >> trained
     evaluated = evaluate(trained, data)
-    summary(data, trained, evaluated, gate(trained, evaluated))
+    verdict = gate(trained, evaluated)
+    new_champion(verdict)
+    summary(data, trained, evaluated, verdict)
 
 
 cloudscreen_training()

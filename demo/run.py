@@ -1,13 +1,14 @@
 """`make demo`: the whole pipeline on the embedded default data, through the real DAGs, on this machine.
 
 Builds the BigEarthNet-format mirror described by params.yaml (`mirror`) and serves it over HTTP on a random loopback
-port the way the official archive is served; starts the GCS emulator (bucket `cloudscreen`, persisted under
-.local/gcs: the DVC remote and MLflow's artifact store) and the real MLflow tracking server (SQLite .local/mlflow.db);
-then runs the `cloudscreen_refresh` DAG (download → validate → tile → sample → version) for the snapshot `demo` and the
-`cloudscreen_training` DAG (train on the local backend → evaluate → gate) with `dag.test()` against a local Airflow
-home (.local/airflow), and prints where everything went. While it runs the terminal shows one line per step and per
-DAG task (demo.live); the DAG runs' full output (Airflow's task logs, the trainer's log) and this process's own log go
-to files under .local/demo-logs/, whose paths are printed. Re-running is cheap for the data: every refresh step finds
+port the way the official archive is served; starts the GCS emulator (bucket `cloudscreen`, persisted under .local/gcs:
+the DVC remote and MLflow's artifact store) and the real MLflow tracking server (SQLite .local/mlflow.db); then runs the
+`cloudscreen_refresh` DAG (download → validate → tile → sample → version) for the snapshot `demo`, the
+`cloudscreen_training` DAG (train on the local backend → evaluate → gate) and, once there is a champion, the
+`cloudscreen_screening` DAG (every patch of `demo` scored, the clear list written) with `dag.test()` against a local
+Airflow home (.local/airflow), and prints where everything went. While it runs the terminal shows one line per step and
+per DAG task (demo.live); the DAG runs' full output (Airflow's task logs, the trainer's log) and this process's own log
+go to files under .local/demo-logs/, whose paths are printed. Re-running is cheap for the data: every refresh step finds
 its output for `demo` complete and skips; each training DAG run trains a new challenger, which the gate judges against
 the champion.
 """
@@ -68,12 +69,14 @@ def _serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 class DemoOutcome:
     refresh: airflow_local.DagRunOutcome
     training: airflow_local.DagRunOutcome
-    seconds: float  # the whole demo: mirror, servers, both DAG runs
-    dag_seconds: float  # both DAG runs, start to end
+    screening: airflow_local.DagRunOutcome | None  # None: there is no champion to screen with
+    seconds: float  # the whole demo: mirror, servers, the DAG runs
+    dag_seconds: float  # the DAG runs, start to end
 
     @property
     def task_seconds(self) -> float:
-        return sum(self.refresh.task_seconds.values()) + sum(self.training.task_seconds.values())
+        runs = [self.refresh, self.training, *([self.screening] if self.screening else [])]
+        return sum(sum(run.task_seconds.values()) for run in runs)
 
     @property
     def overhead(self) -> float:
@@ -125,10 +128,29 @@ def run_demo(
                 },
             )
             _check(trained, logs)
+            screening = None
+            if _has_champion():
+                screening = live.run_dag(
+                    console, "cloudscreen_screening", home=local / "airflow", logs=logs, conf={"snapshot": SNAPSHOT}
+                )
+                _check(screening, logs)
+            else:
+                console.print("cloudscreen_screening: not run, there is no champion yet (the gate promoted nothing)")
             dag_seconds = time.monotonic() - dags_started
     finally:
         server.shutdown()
-    return DemoOutcome(refresh, trained, time.monotonic() - started, dag_seconds)
+    return DemoOutcome(refresh, trained, screening, time.monotonic() - started, dag_seconds)
+
+
+def _has_champion() -> bool:
+    from tasks.lib.errors import ModelVersionError
+    from tasks.lib.scoring import DEFAULT_MODEL, resolve_version
+
+    try:
+        resolve_version(DEFAULT_MODEL)
+    except ModelVersionError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -191,9 +213,17 @@ cloudscreen demo — {timing}
               restore: python -m tasks.versioning restore --version {record["data_version"]} --dest DIR
   training    cloudscreen_training run {outcome.training.run_id}: {outcome.training.state}
 {training}
+{_screening(outcome.screening)}
   look        make up  → Airflow UI http://127.0.0.1:8080 (both DAGs, this run's tasks and logs)
                          MLflow UI  http://127.0.0.1:5000 (runs, plots, registry)
 """
+
+
+def _screening(outcome: airflow_local.DagRunOutcome | None) -> str:
+    if outcome is None:
+        return "  screening   not run: no champion yet"
+    lines = "\n".join(f"  {line}" for line in outcome.results["summary"]["text"].splitlines())
+    return f"  screening   cloudscreen_screening run {outcome.run_id}: {outcome.state}\n{lines}"
 
 
 def configure_file_logging(path: Path) -> None:

@@ -10,10 +10,12 @@ or process group of its own that is terminated as a whole):
   MLFLOW_TRACKING_URI pointing its tasks at the two servers above, and the training pool (`pipeline.gpu_pool`).
 
 The first start of a home leaves `cloudscreen_refresh` unpaused (weekly, no catchup: the scheduler runs its latest
-interval; older ones are backfilled on purpose) and `cloudscreen_training` paused: unpaused, its monthly schedule would
-train at once, before any snapshot exists, and it retrains on every refresh at the full params.yaml settings (long on
-a CPU). Later starts keep whatever was chosen in the UI. The refresh DAG downloads `pipeline.source` (the embedded
-mirror, built here when missing). Prints the UI addresses, the admin password and how to trigger and backfill.
+interval; older ones are backfilled on purpose), `cloudscreen_screening` unpaused (it screens each new snapshot
+and each new champion; before the first champion it skips) and `cloudscreen_training` paused: unpaused, its monthly
+schedule would train at once, before any snapshot exists, and it retrains on every refresh at the full params.yaml
+settings (long on a CPU). Later starts keep whatever was chosen in the UI. The refresh DAG downloads `pipeline.source`
+(the embedded mirror, built here when missing). Prints the UI addresses, the admin password and how to trigger and
+backfill.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / ".local"
 REFRESH = "cloudscreen_refresh"
 TRAINING = "cloudscreen_training"
+SCREENING = "cloudscreen_screening"
+ROLLBACK = "cloudscreen_rollback"  # manual only: unpaused so that a trigger from the UI runs
 # Written into the Airflow home once the first start has set the DAGs' pause states; later starts keep the UI's.
 INITIALISED = ".cloudscreen-up"
-INITIAL_PAUSED = {REFRESH: False, TRAINING: True}
+INITIAL_PAUSED = {REFRESH: False, TRAINING: True, SCREENING: False, ROLLBACK: False}
 MLFLOW_ARTIFACTS = "gs://cloudscreen/mlflow"
 
 log = logging.getLogger("demo.up")

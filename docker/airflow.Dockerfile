@@ -26,6 +26,8 @@ USER 50000:0
 # The project runs from its source tree, importable through PYTHONPATH: tasks/ finds params.yaml beside itself.
 COPY --chown=50000:0 params.yaml /opt/cloudscreen/params.yaml
 COPY --chown=50000:0 tasks /opt/cloudscreen/tasks
+# ops/alerts.py: the DAGs' e-mail callbacks.
+COPY --chown=50000:0 ops /opt/cloudscreen/ops
 COPY --chown=50000:0 dags /opt/airflow/dags
 # MLflow's usage telemetry is off (mlflow/README.md says how to turn it on).
 ENV PYTHONPATH=/opt/cloudscreen \

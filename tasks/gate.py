@@ -39,7 +39,8 @@ e.g. `test_op_recall`):
 Each failing rule adds a reason naming the metric, the challenger's value, the bound and the champion's value.
 
 Registry (tasks.lib.registry): a promotion of version V over champion C tags V with the decision, its reasons, who
-and why when forced, and the tag `cloudscreen.gate.replaced` = C ("" when V is the first champion); then it points
+and why when forced, its operating threshold `cloudscreen.operating_threshold` (what tasks.screen and tasks.serve
+decide at), and the tag `cloudscreen.gate.replaced` = C ("" when V is the first champion); then it points
 `previous-champion` at C (removes it when there is no C) and `champion` at V. A rejection leaves its verdict on the
 run only.
 
@@ -271,7 +272,7 @@ def gate(
     # The verdict first, the aliases last: a crash in between leaves a verdict whose promotion a retry completes.
     registry.record(client, verdict)
     if promoted:
-        registry.promote(client, verdict, version, champion_version)
+        registry.promote(client, verdict, version, champion_version, challenger.metrics[OPERATING_THRESHOLD])
     log.info(
         "gate: %s for %s version %s (champion now %s): %s",
         decision,

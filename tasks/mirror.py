@@ -10,6 +10,10 @@ light haze) on no_cloud patches. Same seed, same bytes.
 
 Faults can be injected (`--fault KIND[=COUNT]`) so tests never hand-craft broken archives; which patch got which fault
 is written, with the list of patches and which are cloud patches, to `<archive>.contents.json` beside it.
+
+Drift can be rendered (`--shift KIND[=MAGNITUDE]`, params `mirror.shifts`) so drift monitoring is tested on data that
+moved the way real Sentinel-2 archives have moved: a processing-baseline offset, a calibration gain, one season, another
+cloud share, more haze, another country. Without shifts the archive is byte for byte the reference one.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
-from pydantic import Field
+from pydantic import Field, field_validator
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -41,6 +47,9 @@ from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ConfigError
 from tasks.lib.files import atomic_path, file_digest
 from tasks.lib.outputs import completed
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,21 @@ class MirrorParams(StepParams):
     shadow_fraction: float = Field(ge=0, le=1)
     haze_fraction: float = Field(default=0.0, ge=0, le=1)
     compresslevel: int = Field(ge=0, le=9)
+    # Drift to render ("KIND" or "KIND=MAGNITUDE", see Shift); stored as "KIND=MAGNITUDE" in Shift order, so the same
+    # drift spelled another way gives the same recipe and the same bytes.
+    shifts: tuple[str, ...]
+
+    @field_validator("shifts", mode="before")
+    @classmethod
+    def _canonical_shifts(cls, value: object) -> tuple[str, ...]:
+        if value is None:
+            value = ()
+        elif isinstance(value, str):
+            value = (value,)
+        elif not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"mirror.shifts: expected a list of 'KIND' or 'KIND=MAGNITUDE' strings, got {value!r}")
+        # A ConfigError, not a ValueError: pydantic passes it on as it is, naming the bad shift and the known kinds.
+        return canonical_shifts(parse_shifts(value))
 
 
 class Fault(enum.StrEnum):
@@ -76,6 +100,104 @@ class Fault(enum.StrEnum):
     NODATA_BAND = "nodata_band"  # most of a band is nodata (0)
 
 
+class Shift(enum.StrEnum):
+    """Ways real Sentinel-2 archives have drifted; docs/steps/mirror.md gives each one's real precedent."""
+
+    OFFSET = "offset"  # DN added to every band's valid pixels (processing baseline 04.00 added 1,000 from 2022-01-25)
+    GAIN = "gain"  # a calibration factor on the visible bands B02 B03 B04 (sensor or calibration change)
+    SEASON = "season"  # acquisitions of one season only
+    CLOUD_FRACTION = "cloud_fraction"  # another share of patches from the official cloud-and-shadow list
+    HAZE = "haze"  # a haze veil (smoke, dust, aerosol) over every patch, thickest in the blue
+    REGION = "region"  # patches of one country only, one the reference hardly holds
+
+
+# MAGNITUDE when a shift is given as KIND alone.
+SHIFT_DEFAULTS: dict[Shift, str] = {
+    Shift.OFFSET: "1000",  # the offset of processing baseline 04.00
+    Shift.GAIN: "1.1",  # strong for a calibration change (those are a few percent), so a test sees it at once
+    Shift.SEASON: "Winter",  # low sun and three times the snow of the whole archive
+    Shift.CLOUD_FRACTION: "0.6",  # twice the reference's 0.3
+    Shift.HAZE: "0.2",  # the veil's mean opacity in B02
+    Shift.REGION: "Luxembourg",  # 43 of the default 4,000 and absent from small mirrors (docs/steps/mirror.md)
+}
+# The visible bands: the three the classifier sees (tiles hold B04 B03 B02), and where calibration and atmospheric
+# correction differ most between sensors and processing versions.
+GAIN_BANDS = ("B02", "B03", "B04")
+# Central wavelengths (nm, Sentinel-2A) for the haze veil, whose opacity falls with wavelength like aerosol scattering.
+_WAVELENGTH_NM = {
+    "B01": 443,
+    "B02": 490,
+    "B03": 560,
+    "B04": 665,
+    "B05": 705,
+    "B06": 740,
+    "B07": 783,
+    "B08": 842,
+    "B8A": 865,
+    "B09": 945,
+    "B11": 1610,
+    "B12": 2190,
+}
+_HAZE_ANGSTROM = 1.3  # Ångström exponent of continental haze and smoke (desert dust is flatter, ~0.3)
+_HAZE_AIRLIGHT = 3000  # the veil's own reflectance × 10,000: a bright grey layer, thinner than cloud (~7,000)
+
+
+def parse_shifts(specs: Iterable[str]) -> dict[Shift, int | float | str]:
+    """['offset', 'season=winter'] → {Shift.OFFSET: 1000, Shift.SEASON: 'Winter'}, in Shift order.
+
+    Raises:
+        ConfigError: an unknown kind, a kind given twice, or a magnitude of the wrong type or out of range; the
+            message names the shift and the known kinds.
+    """
+    parsed: dict[Shift, int | float | str] = {}
+    for spec in specs:
+        kind, sep, raw = spec.strip().partition("=")
+        try:
+            shift = Shift(kind.strip())
+        except ValueError:
+            raise ConfigError(f"shift {spec!r}: unknown kind; choose from {', '.join(Shift)}") from None
+        if shift in parsed:
+            raise ConfigError(f"shift {spec!r}: {shift} is given twice")
+        raw = raw.strip() if sep else SHIFT_DEFAULTS[shift]
+        parsed[shift] = _magnitude(shift, raw, spec)
+    return {shift: parsed[shift] for shift in Shift if shift in parsed}
+
+
+def _magnitude(shift: Shift, raw: str, spec: str) -> int | float | str:
+    """The MAGNITUDE of one shift, checked and in its canonical form."""
+    wanted = {
+        Shift.OFFSET: "an integer number of DN from -65535 to 65535, e.g. offset=1000",
+        Shift.GAIN: "a factor above 0 and at most 100, e.g. gain=1.1",
+        Shift.CLOUD_FRACTION: "a share from 0 to 1, e.g. cloud_fraction=0.6",
+        Shift.HAZE: "the veil's opacity in B02, above 0 and at most 0.6, e.g. haze=0.2",
+        Shift.SEASON: f"a season, one of {', '.join(_SEASON_SUN)}",
+        Shift.REGION: f"a BigEarthNet country, one of {', '.join(sorted(_COUNTRY_COVERS))}",
+    }[shift]
+    bad = ConfigError(f"shift {spec!r}: MAGNITUDE must be {wanted}")
+    if shift in (Shift.SEASON, Shift.REGION):
+        names = {name.lower(): name for name in (_SEASON_SUN if shift is Shift.SEASON else _COUNTRY_COVERS)}
+        if raw.lower() not in names:
+            raise bad
+        return names[raw.lower()]
+    try:
+        value = int(raw) if shift is Shift.OFFSET else float(raw)
+    except ValueError:
+        raise bad from None
+    inside = {
+        Shift.OFFSET: -65535 <= value <= 65535,
+        Shift.GAIN: 0 < value <= 100,
+        Shift.CLOUD_FRACTION: 0 <= value <= 1,
+        Shift.HAZE: 0 < value <= 0.6,
+    }[shift]
+    if not inside:  # also NaN, whose comparisons are all false
+        raise bad
+    return value
+
+
+def canonical_shifts(shifts: dict[Shift, int | float | str]) -> tuple[str, ...]:
+    return tuple(f"{shift}={value}" for shift, value in shifts.items())
+
+
 @dataclass(frozen=True)
 class MirrorResult:
     archive: Path
@@ -84,10 +206,14 @@ class MirrorResult:
     cloud_patch_ids: tuple[str, ...]  # those in the official cloud-and-shadow list
     faults: dict[str, str]  # patch_id → fault kind (duplicates: "duplicate_patch:<original>")
     skipped: bool  # the archive already existed with a matching checksum
+    shifts: tuple[str, ...] = ()  # the drift rendered, "KIND=MAGNITUDE" (none: the reference archive)
 
 
-def archive_name(patches: int, seed: int, faulty: bool = False) -> str:
-    return f"BigEarthNet-S2-mirror-{patches}-{seed}{'-faulty' if faulty else ''}.tar.gz"
+def archive_name(patches: int, seed: int, faulty: bool = False, shifts: Iterable[str] = ()) -> str:
+    """BigEarthNet-S2-mirror-<patches>-<seed>[-<kind><magnitude>…][-faulty].tar.gz: a drifted archive never takes the
+    name of the reference one it is compared with."""
+    drift = "".join(f"-{spec.replace('=', '')}" for spec in shifts)
+    return f"BigEarthNet-S2-mirror-{patches}-{seed}{drift}{'-faulty' if faulty else ''}.tar.gz"
 
 
 # --- spectra ----------------------------------------------------------------------------------------------------
@@ -169,6 +295,42 @@ class _PatchPlan:
     shadow: bool
     seed: int
     haze: bool = False  # a light grey veil over a no_cloud patch (haze, smoke, dust: not cloud)
+    pixels: _PixelShift | None = None  # drift applied to the rendered band files (shifts offset, gain, haze)
+
+
+@dataclass(frozen=True)
+class _PixelShift:
+    """Drift of one patch's digital numbers, applied to valid pixels (0 is nodata and stays 0, as in the products)."""
+
+    offset: int = 0  # added last, as a processing baseline adds it to the finished product
+    gain: float = 1.0  # on GAIN_BANDS, before the offset: a calibration factor scales the measured signal
+    haze: float = 0.0  # the veil's opacity in B02 on this patch, applied first (the atmosphere comes before the sensor)
+
+    @classmethod
+    def of(cls, shifts: dict[Shift, int | float | str], seed: int, patch_id: str) -> _PixelShift | None:
+        """This patch's pixel drift, or None when no pixel shift is asked for."""
+        if not {Shift.OFFSET, Shift.GAIN, Shift.HAZE} & set(shifts):
+            return None
+        haze = 0.0
+        if Shift.HAZE in shifts:
+            # Thicker over some patches than others, the same for a patch whatever else the archive holds.
+            rng = np.random.default_rng([seed, 3, zlib.crc32(patch_id.encode())])
+            haze = float(shifts[Shift.HAZE]) * float(rng.uniform(0.5, 1.5))
+        return cls(offset=int(shifts.get(Shift.OFFSET, 0)), gain=float(shifts.get(Shift.GAIN, 1.0)), haze=haze)
+
+    def apply(self, band: str, array: np.ndarray) -> np.ndarray:
+        """The band's uint16 digital numbers after the drift, clipped to 1..65535 (never wrapping, never nodata)."""
+        x = array.astype(np.float64)
+        if self.haze:
+            # A scattering layer: transmits (1 - t) of the ground signal and adds its own light; t falls with
+            # wavelength (Ångström law), so haze brightens and flattens the blue most and barely touches the SWIR.
+            t = min(0.95, self.haze * (_WAVELENGTH_NM["B02"] / _WAVELENGTH_NM[band]) ** _HAZE_ANGSTROM)
+            x = x * (1 - t) + _HAZE_AIRLIGHT * t
+        if band in GAIN_BANDS:
+            x = x * self.gain
+        x = x + self.offset
+        shifted = np.clip(np.rint(x), 1, np.iinfo(np.uint16).max).astype(np.uint16)
+        return np.where(array > 0, shifted, np.uint16(0))
 
 
 # --- noise and pixels ---------------------------------------------------------------------------------------------
@@ -421,7 +583,37 @@ def _render_patch(plan: _PatchPlan) -> dict[str, bytes]:
     files = {ben.band_file(plan.patch_id, band): _geotiff(bands[band], plan) for band in ben.BANDS}
     metadata = _metadata(plan, _labels(rng, covers))
     files[ben.metadata_file(plan.patch_id)] = json.dumps(metadata).encode()
+    if plan.pixels is not None:
+        files = _shift_files(plan.patch_id, files, plan.pixels)
     return files
+
+
+def _shift_files(patch_id: str, files: dict[str, bytes], shift: _PixelShift) -> dict[str, bytes]:
+    """The patch's files with every band's pixel data drifted in place: tags and layout stay byte for byte."""
+    files = dict(files)
+    for band in ben.BANDS:
+        name = ben.band_file(patch_id, band)
+        if name in files:
+            files[name] = _shift_tiff(files[name], band, shift)
+    return files
+
+
+def _shift_tiff(data: bytes, band: str, shift: _PixelShift) -> bytes:
+    """Rewrite the strips of an uncompressed single-page TIFF (the BigEarthNet band format) with drifted pixels."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages[0]
+        if page.compression != tifffile.COMPRESSION.NONE or page.dtype != np.uint16:
+            raise ValueError(f"{band}: expected an uncompressed uint16 band, got {page.compression!r} {page.dtype}")
+        array = page.asarray()
+        strips = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+        order = tif.byteorder
+    raw = shift.apply(band, array).astype(f"{order}u2").tobytes()
+    out = bytearray(data)
+    position = 0
+    for offset, count in strips:
+        out[offset : offset + count] = raw[position : position + count]
+        position += count
+    return bytes(out)
 
 
 # --- faults -------------------------------------------------------------------------------------------------------
@@ -488,29 +680,67 @@ def parse_faults(specs: list[str]) -> dict[Fault, int]:
 # --- planning and writing -----------------------------------------------------------------------------------------
 
 
-def _plan(params: MirrorParams, exclude: set[str]) -> list[_PatchPlan]:
-    """Choose real names, cloud membership and what each synthesized patch shows; deterministic by seed."""
-    rng = np.random.default_rng([params.seed, 0])
-    table = ben.name_table()
-    cloud_list = ben.cloud_and_shadow_patches()
-    snow_list = ben.seasonal_snow_patches()
-    names = table.index.to_numpy()
-    is_cloud = table.index.isin(list(cloud_list))
-    is_snow = table.index.isin(list(snow_list))
-    usable = ~table.index.isin(list(exclude))
+def _selected(table: pd.DataFrame, shifts: dict[Shift, int | float | str]) -> np.ndarray | None:
+    """Which names the selection shifts (season, region) allow, or None when neither is asked for."""
+    if Shift.SEASON not in shifts and Shift.REGION not in shifts:
+        return None
+    keep = np.ones(len(table), dtype=bool)
+    if Shift.SEASON in shifts:
+        keep &= (table["season"] == shifts[Shift.SEASON]).to_numpy()
+    if Shift.REGION in shifts:
+        keep &= (table["country"] == shifts[Shift.REGION]).to_numpy()
+    return keep
 
-    n_cloud = round(params.cloud_fraction * params.patches)
+
+@functools.cache
+def _name_pools() -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The name table in name order, and which names are in the cloud-and-shadow and seasonal-snow lists.
+
+    Sorted once, so each plan's pools are masks of it (sorting 590,000 names took most of a small mirror's plan).
+    """
+    table = ben.name_table()
+    table = table.iloc[np.argsort(table.index.to_numpy(), kind="stable")]
+    is_cloud = table.index.isin(list(ben.cloud_and_shadow_patches()))
+    is_snow = table.index.isin(list(ben.seasonal_snow_patches()))
+    return table, is_cloud, is_snow
+
+
+def _plan(params: MirrorParams, exclude: set[str]) -> list[_PatchPlan]:
+    """Choose real names, cloud membership and what each synthesized patch shows; deterministic by seed.
+
+    The selection shifts draw from a part of the official lists: season and region only names of that season or
+    country (and the snow share follows that part's real snow share), cloud_fraction another share from the cloud
+    list. Without them every draw is the reference archive's.
+    """
+    rng = np.random.default_rng([params.seed, 0])
+    shifts = parse_shifts(params.shifts)
+    table, is_cloud, is_snow = _name_pools()
+    names = table.index.to_numpy()
+    usable = ~table.index.isin(list(exclude))
+    selected = _selected(table, shifts)
+    snow_fraction = params.snow_fraction
+    if selected is not None:
+        usable &= selected
+        # A winter archive holds three times the whole archive's share of snow, a summer one almost none: scale the
+        # reference's snow share (chosen for difficulty, above the real 10.6%) by the selected part's real share.
+        share = lambda rows: (is_snow & ~is_cloud & rows).sum() / max((~is_cloud & rows).sum(), 1)  # noqa: E731
+        snow_fraction = min(1.0, params.snow_fraction * share(selected) / share(np.ones_like(selected)))
+
+    n_cloud = round(float(shifts.get(Shift.CLOUD_FRACTION, params.cloud_fraction)) * params.patches)
     n_clear = params.patches - n_cloud
-    n_snow = round(params.snow_fraction * n_clear)
-    pools = {
-        "cloud": np.sort(names[is_cloud & usable]),
-        "snow": np.sort(names[is_snow & ~is_cloud & usable]),
-        "clear": np.sort(names[~is_snow & ~is_cloud & usable]),
+    n_snow = round(snow_fraction * n_clear)
+    pools = {  # in name order, as the table is
+        "cloud": names[is_cloud & usable],
+        "snow": names[is_snow & ~is_cloud & usable],
+        "clear": names[~is_snow & ~is_cloud & usable],
     }
     wanted = {"cloud": n_cloud, "snow": n_snow, "clear": n_clear - n_snow}
     for pool, n in wanted.items():
         if n > len(pools[pool]):
-            raise ConfigError(f"mirror: {n} {pool} patches asked for, the official lists hold {len(pools[pool])}")
+            within = f" of {', '.join(params.shifts)}" if shifts else ""
+            raise ConfigError(
+                f"mirror: {n} {pool} patches asked for, the official lists hold {len(pools[pool])}{within}"
+            )
     chosen = {pool: rng.choice(pools[pool], size=n, replace=False) for pool, n in wanted.items()}
 
     plans = []
@@ -532,7 +762,24 @@ def _plan(params: MirrorParams, exclude: set[str]) -> list[_PatchPlan]:
                     haze=pool != "cloud" and rng.random() < params.haze_fraction,
                 )
             )
+    if params.shifts:
+        plans = [replace(p, pixels=_PixelShift.of(shifts, params.seed, p.patch_id)) for p in plans]
     return sorted(plans, key=lambda p: p.patch_id)
+
+
+def _real_in_selection(params: MirrorParams, real: dict[str, dict[str, bytes]]) -> dict[str, dict[str, bytes]]:
+    """The real example patches a drifted archive keeps, with its pixel drift: a winter archive holds no summer
+    patch and an offset reaches every band of every patch."""
+    shifts = parse_shifts(params.shifts)
+    if not shifts:
+        return real
+    ids = sorted(real)
+    selected = _selected(ben.name_table().loc[ids], shifts)
+    kept = {}
+    for patch_id in ids if selected is None else [p for p, keep in zip(ids, selected, strict=True) if keep]:
+        pixels = _PixelShift.of(shifts, params.seed, patch_id)
+        kept[patch_id] = real[patch_id] if pixels is None else _shift_files(patch_id, real[patch_id], pixels)
+    return kept
 
 
 def _real_patches() -> dict[str, dict[str, bytes]]:
@@ -580,11 +827,14 @@ def build_mirror(
 ) -> MirrorResult:
     """Write `out/<archive_name>`, its `.sha256` and its `.contents.json` (patches, cloud patches, faults).
 
+    With `params.shifts` the archive holds drifted data (see Shift) and is named for its shifts.
+
     Raises:
-        ConfigError: more patches or faults asked for than the official lists or the mirror can supply.
+        ConfigError: more patches or faults asked for than the official lists (or the part of them a shift selects)
+            or the mirror can supply.
     """
     faults = faults or {}
-    name = archive_name(params.patches, params.seed, faulty=bool(faults))
+    name = archive_name(params.patches, params.seed, faulty=bool(faults), shifts=params.shifts)
     archive = out / name
     checksum_file = out / f"{name}.sha256"
     contents_file = out / f"{name}.contents.json"
@@ -597,22 +847,27 @@ def build_mirror(
         log.warning("%s does not match its checksum file %s: rebuilding", archive, checksum_file)
 
     log.info(
-        "building %s: %d synthesized patches, seed %d, faults %s",
+        "building %s: %d synthesized patches, seed %d, faults %s, shifts %s",
         archive,
         params.patches,
         params.seed,
         {str(k): v for k, v in faults.items()} or "none",
+        ", ".join(params.shifts) or "none",
     )
     real = _real_patches() if params.include_real else {}
     plans = _plan(params, exclude=set(real))
+    real = _real_in_selection(params, real)
     fault_rng = np.random.default_rng([params.seed, 2])
     n_faults = sum(faults.values())
     if n_faults > len(plans):
         raise ConfigError(f"mirror: {n_faults} faults asked for but only {len(plans)} synthesized patches")
     targets = iter(fault_rng.choice(len(plans), size=n_faults, replace=False))
     fault_of = {int(next(targets)): fault for fault, count in sorted(faults.items()) for _ in range(count)}
-    # A duplicate needs a spare real name that no other patch uses.
-    spare_pool = [n for n in ben.name_table().index[:5000] if n not in {p.patch_id for p in plans} | set(real)]
+    # A duplicate needs a spare real name that no other patch uses (of the season or country a shift selects).
+    table = ben.name_table()
+    selected = _selected(table, parse_shifts(params.shifts))
+    names = table.index if selected is None else table.index[selected]
+    spare_pool = [n for n in names[:5000] if n not in {p.patch_id for p in plans} | set(real)]
     spare = iter(sorted(fault_rng.choice(spare_pool, size=faults.get(Fault.DUPLICATE_PATCH, 0), replace=False)))
 
     top = name.removesuffix(".tar.gz")
@@ -654,6 +909,7 @@ def build_mirror(
         "patch_ids": all_ids,
         "cloud_patch_ids": list(cloud_ids),
         "faults": dict(sorted(injected.items())),
+        "shifts": list(params.shifts),
         "recipe": recipe,
     }
     with atomic_path(contents_file) as tmp:
@@ -661,7 +917,9 @@ def build_mirror(
     log.info(
         "wrote %s (%d patches, %d cloud, %.1f MB)", archive, len(all_ids), len(cloud_ids), archive.stat().st_size / 1e6
     )
-    return MirrorResult(archive, digest, tuple(all_ids), cloud_ids, summary["faults"], skipped=False)
+    return MirrorResult(
+        archive, digest, tuple(all_ids), cloud_ids, summary["faults"], skipped=False, shifts=params.shifts
+    )
 
 
 def _write_patch(tar: tarfile.TarFile, top: str, patch_id: str, files: dict[str, bytes]) -> None:
@@ -688,6 +946,7 @@ def _result_from_disk(archive: Path, digest: str, summary: dict) -> MirrorResult
         tuple(summary.get("cloud_patch_ids", ())),
         summary.get("faults", {}),
         skipped=True,
+        shifts=tuple(summary.get("shifts", ())),
     )
 
 
@@ -705,6 +964,15 @@ def main() -> None:
         metavar="KIND[=COUNT]",
         help=f"inject a fault into COUNT patches (repeatable); KIND is one of {', '.join(Fault)}",
     )
+    p.add_argument(
+        "--shift",
+        action="append",
+        default=[],
+        metavar="KIND[=MAGNITUDE]",
+        help="render drifted data (repeatable; replaces params mirror.shifts); KIND=default MAGNITUDE: "
+        + ", ".join(f"{kind}={value}" for kind, value in SHIFT_DEFAULTS.items())
+        + f" (gain on {' '.join(GAIN_BANDS)})",
+    )
     p.add_argument("--workers", type=int, help="rendering processes (default: up to 2)")
     args = p.parse_args()
     cli.configure_logging(args.verbose)
@@ -718,6 +986,8 @@ def main() -> None:
             overrides.append(f"mirror.{key}={value}")
     if args.no_real:
         overrides.append("mirror.include_real=false")
+    if args.shift:
+        overrides.append(f"mirror.shifts={json.dumps(args.shift)}")  # a JSON list is a YAML list
     params = load_section("mirror", MirrorParams, args.params, overrides)
     result = build_mirror(out=args.out, params=params, faults=parse_faults(args.fault), workers=args.workers)
     print(result.archive)

@@ -97,6 +97,29 @@ class GateError(CloudscreenError):
     promotion or rollback cannot proceed from. A rejected challenger is a verdict, never this error."""
 
 
+class ModelVersionError(CloudscreenError):
+    """A model cannot screen or serve patches: the URI names no registered version, the version has no operating
+    threshold recorded (never screened at a default 0.5), or it cannot be loaded."""
+
+
+class ScreeningError(CloudscreenError):
+    """A snapshot cannot be screened: its tiles are missing or unreadable, or an earlier screening output is in the
+    way."""
+
+
+class MonitoringError(CloudscreenError):
+    """A snapshot cannot be monitored: its tiles, its reference or a scores file is missing or unreadable, or no
+    reference can be found."""
+
+
+class RequestError(CloudscreenError):
+    """A request to tasks.serve that the server refuses with a 4xx: its status and what is wrong with it."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # --- operations tooling (ops/, demo/) ------------------------------------------------------------------------------
 
 

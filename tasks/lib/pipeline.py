@@ -7,6 +7,8 @@ and writes its own under `data_root`:
 
     raw/<snapshot>/  validated/<snapshot>/  tiles/<snapshot>/  samples/<snapshot>/<set>/  versions/<snapshot>/
     snapshots/<snapshot>.json   the refresh's record: data version, manifests, tiles (what training is pinned to)
+    screened/<snapshot>/<version>/  the snapshot screened by one model version (tasks.screen)
+    monitored/<snapshot>/<version>/ the snapshot against that version's training data (tasks.monitor)
     checkpoints/<run>/          the trainer's resumable state for one training DAG run
 
 so concurrent backfills never touch each other's files, and a re-run finds its completed steps and skips them (each
@@ -37,11 +39,24 @@ log = logging.getLogger(__name__)
 DATA_ROOT_ENV = "CLOUDSCREEN_DATA_ROOT"
 # The Asset the refresh DAG updates and the training DAG is scheduled on: the versioned training data.
 TRAINING_DATA_ASSET = {"name": "cloudscreen_training_data", "uri": "cloudscreen://training-data"}
+# The Asset the gate (on a promotion) and a rollback update, and the screening DAG is scheduled on: the champion.
+CHAMPION_ASSET = {"name": "cloudscreen_champion", "uri": "cloudscreen://champion"}
+# The Asset the monitoring updates on a drift or decay verdict: a request to retrain (pipeline.retrain_on: drift).
+DRIFT_ASSET = {"name": "cloudscreen_drift", "uri": "cloudscreen://drift"}
+RETRAIN_ON = ("every_snapshot", "drift")
+TAG_TRIGGER = "cloudscreen.trigger"  # on a training run: new_data, drift, schedule or manual
+TAG_TRIGGER_REASONS = "cloudscreen.trigger.reasons"
 BACKENDS = ("local", "docker", "kubernetes")
 SNAPSHOTS_DIR = "snapshots"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:+-]")  # what tasks.versioning accepts in a snapshot name
 
 P = TypeVar("P", bound=StepParams)
+
+
+class AlertParams(StepParams):
+    to: list[str]
+    smtp_conn_id: str
+    from_email: str
 
 
 class PipelineParams(StepParams):
@@ -60,8 +75,10 @@ class PipelineParams(StepParams):
     max_retry_delay_seconds: float = Field(gt=0)
     gpu_pool: str
     gpu_pool_slots: int = Field(ge=1)
+    retrain_on: Literal["every_snapshot", "drift"]
     timeout_minutes: dict[Literal["io", "tile", "train", "evaluate"], float]
     mlflow_ui_url: str | None = None
+    alerts: AlertParams
 
 
 def snapshot_key(*, run_type: str, logical_date: dt.datetime | None, run_id: str) -> str:
@@ -276,6 +293,32 @@ def check_training_form(*, force_promote: bool, reason: str | None) -> None:
         raise ConfigError("a reason is only for a forced promotion: tick force_promote, or leave the reason empty")
 
 
+def training_trigger(*, run_type: str, events: Iterable[Mapping[str, Any]] = ()) -> tuple[str, str]:
+    """Why a training run trains, for its MLflow run: (kind, in words). A drift event carries the monitoring's
+    decision and reasons; a refresh event its snapshot."""
+    events = list(events)
+    drifted = [e for e in events if e.get("decision") in ("drift", "decay")]
+    if drifted:
+        return "drift", "\n".join(
+            f"snapshot {e.get('snapshot')}: {e['decision']}: " + "; ".join(e.get("reasons") or []) for e in drifted
+        )
+    if events:
+        return "new_data", "new snapshot(s): " + ", ".join(sorted({str(e.get("snapshot")) for e in events}))
+    if run_type == "scheduled":
+        return "schedule", "the periodic retrain (pipeline.retrain_schedule)"
+    return "manual", f"triggered by a person ({run_type} run)"
+
+
+def record_trigger(run_id: str, data: xcoms.TrainingData) -> None:
+    """Tag the training run with why it trained (TAG_TRIGGER, TAG_TRIGGER_REASONS), whichever backend trained it."""
+    import mlflow
+
+    if "trigger" in data:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, TAG_TRIGGER, data["trigger"])
+        client.set_tag(run_id, TAG_TRIGGER_REASONS, data.get("trigger_reasons", "")[:5000])
+
+
 def training_data(
     run: Run, *, snapshot: str | None = None, events: Iterable[Mapping[str, Any]] = (), dataset: str | None = None
 ) -> xcoms.TrainingData:
@@ -321,13 +364,21 @@ def training_data(
 
 
 def _restore(run: Run, record: xcoms.SnapshotRecord, dataset: str) -> tuple[Path, Path]:
-    from tasks.versioning import SAMPLES_DIR, TILES_DIR, VersioningParams, restore
+    from tasks.versioning import SAMPLES_DIR, TILES_DIR
+
+    dest = _restored(run, record)
+    return dest / SAMPLES_DIR / dataset / "manifest.parquet", dest / TILES_DIR
+
+
+def _restored(run: Run, record: xcoms.SnapshotRecord) -> Path:
+    """The snapshot's data version restored from the DVC remote (once) under <data root>/restored/<version>/."""
+    from tasks.versioning import TILES_DIR, VersioningParams, restore
 
     dest = run.data_root / "restored" / record["data_version"]
     if not (dest / TILES_DIR).is_dir():
         log.info("snapshot %s's files are gone; restoring data version %s", record["snapshot"], record["data_version"])
         restore(version=record["data_version"], dest=dest, params=run.load("versioning", VersioningParams))
-    return dest / SAMPLES_DIR / dataset / "manifest.parquet", dest / TILES_DIR
+    return dest
 
 
 def training_overrides(
@@ -428,7 +479,7 @@ def gate_step(run: Run, *, run_id: str, force: bool = False, reason: str | None 
         force=force,
         reason=reason or None,
     )
-    return xcoms.GateDecision(
+    decision = xcoms.GateDecision(
         decision=verdict.decision,
         promoted=verdict.promoted,
         reasons=list(verdict.reasons),
@@ -436,6 +487,18 @@ def gate_step(run: Run, *, run_id: str, force: bool = False, reason: str | None 
         champion_version=(verdict.champion or {}).get("version"),
         registry=verdict.registry,
     )
+    return {**decision, "alert": gate_alert(run, decision, run_id)}
+
+
+def rollback_step(run: Run, *, reason: str, by: str | None = None) -> dict[str, Any]:
+    """Undo the last promotion (tasks.gate's rollback): `champion` returns to the version it replaced."""
+    from tasks.gate import rollback
+    from tasks.train import TrainParams
+
+    if not reason.strip():
+        raise ConfigError("a rollback needs a reason: say why the champion goes back (it is recorded)")
+    done = rollback(registered_model=run.load("train", TrainParams).registered_model, reason=reason, by=by).to_json()
+    return {**done, "alert": rollback_alert(done)}
 
 
 def run_link(tracking_uri: str, run_id: str, ui_url: str | None = None) -> str:
@@ -490,3 +553,254 @@ def summarize(
         snapshot=data["snapshot"],
         data_version=data["data_version"],
     )
+
+
+# --- screening: which version and snapshots, screen, summary -------------------------------------------------------
+
+WHY_FORM, WHY_DATA, WHY_CHAMPION, WHY_ALL, WHY_NEWEST = "form", "new data", "new champion", "every snapshot", "newest"
+
+
+def screening_plan(
+    run: Run,
+    *,
+    model: str | None = None,
+    snapshot: str | None = None,
+    every_snapshot: bool = False,
+    events: Iterable[Mapping[str, Any]] = (),
+) -> xcoms.ScreeningPlan:
+    """Pin the version to screen with and choose the snapshots.
+
+    Snapshots, in order: the one named in the form; every refreshed snapshot (`every_snapshot`: a backfill; those
+    already screened by the version are skipped by tasks.screen itself); the snapshots whose refresh triggered the
+    run; else the newest (a new champion, or a manual run with an empty form).
+    """
+    from tasks.lib.scoring import DEFAULT_MODEL, resolve_version
+
+    version = resolve_version(model or DEFAULT_MODEL)
+    records = {r["snapshot"]: r for r in snapshot_records(run.data_root)}
+    if not records:
+        raise PipelineError(
+            f"no refreshed snapshot under {run.data_root / SNAPSHOTS_DIR}: run cloudscreen_refresh first"
+        )
+    events = list(events)
+    if snapshot:
+        if snapshot not in records:
+            raise PipelineError(f"snapshot {snapshot!r}: not refreshed (known: {', '.join(sorted(records))})")
+        chosen, why = [snapshot], WHY_FORM
+    elif every_snapshot:
+        chosen, why = list(records), WHY_ALL
+    elif triggered := sorted({e["snapshot"] for e in events if e.get("snapshot") in records}):
+        chosen, why = triggered, WHY_DATA
+    else:
+        newest = max(records.values(), key=lambda r: (r["as_of"], r["snapshot"]))["snapshot"]
+        chosen, why = [newest], WHY_CHAMPION if any("version" in e for e in events) else WHY_NEWEST
+    log.info("screening %s with %s (%s)", ", ".join(chosen), version.uri, why)
+    return xcoms.ScreeningPlan(
+        model=version.uri,
+        asked=version.asked,
+        version=version.version,
+        threshold=version.threshold,
+        snapshots=chosen,
+        why=why,
+    )
+
+
+def model_exists(model: str | None = None) -> bool:
+    """Whether the URI (default: the champion) names a registered version at all: before the first promotion a new
+    snapshot has nothing to be screened with, which is no failure."""
+    from tasks.lib.errors import EvaluationError
+    from tasks.lib.scoring import DEFAULT_MODEL
+    from tasks.lib.tracking import resolve_model
+
+    try:
+        return bool(resolve_model(model or DEFAULT_MODEL).version)
+    except EvaluationError:
+        return False
+
+
+def screen_step(run: Run, *, snapshot: str, model: str) -> xcoms.Screened:
+    """Screen one refreshed snapshot with one pinned version into screened/<snapshot>/<version>/ (restoring the
+    snapshot's tiles from the DVC remote when its files are gone)."""
+    from tasks.lib import tracking
+    from tasks.screen import ScreenParams, screen
+
+    records = {r["snapshot"]: r for r in snapshot_records(run.data_root)}
+    if snapshot not in records:
+        raise PipelineError(f"snapshot {snapshot!r}: no record under {run.data_root / SNAPSHOTS_DIR}")
+    record = records[snapshot]
+    result = screen(
+        tiles=_snapshot_tiles(run, record),
+        out=run.data_root / "screened" / snapshot,
+        params=run.load("screen", ScreenParams),
+        model=model,
+        lineage=tracking.Lineage.from_environment(snapshot=snapshot, data_version=record["data_version"]),
+    )
+    s = result.summary
+    return xcoms.Screened(
+        snapshot=snapshot,
+        data_version=record["data_version"],
+        version=s["model"]["version"],
+        out=str(result.out),
+        patches=s["patches"],
+        clear=s["clear"],
+        cloud_fraction=s["cloud_fraction"],
+        agreement_precision=jsonable(s["agreement"]["precision"]),
+        agreement_recall=jsonable(s["agreement"]["recall"]),
+        patches_per_second=s["patches_per_second"],
+        mlflow_run_id=s["mlflow_run_id"],
+        skipped=result.skipped,
+    )
+
+
+def monitor_step(run: Run, *, screened: xcoms.Screened, model: str) -> xcoms.Monitored:
+    """Monitor one screened snapshot against the data the version was trained on: the refreshed snapshot with that
+    data version when there is one (screened by the same version first, so both sides have every patch's score),
+    else that data version restored from the DVC remote, scored on the sample."""
+    from tasks.lib import tracking
+    from tasks.lib.scoring import resolve_version
+    from tasks.monitor import MonitorParams, monitor
+
+    version = resolve_version(model)
+    records = {r["snapshot"]: r for r in snapshot_records(run.data_root)}
+    record = records[screened["snapshot"]]
+    trained_on = [r for r in records.values() if r["data_version"] == version.data_version and version.data_version]
+    reference_tiles = reference_scores = None
+    reference = version.data_version or "(unknown)"
+    if trained_on:
+        reference_record = max(trained_on, key=lambda r: (r["as_of"], r["snapshot"]))
+        reference = reference_record["snapshot"]
+        reference_screened = screen_step(run, snapshot=reference, model=model)
+        reference_tiles = _snapshot_tiles(run, reference_record)
+        reference_scores = Path(reference_screened["out"]) / "scores.parquet"
+    result = monitor(
+        tiles=_snapshot_tiles(run, record),
+        reference=reference_tiles,
+        out=run.data_root / "monitored" / screened["snapshot"] / version.version,
+        params=run.load("monitor", MonitorParams),
+        model=model,
+        scores=Path(screened["out"]) / "scores.parquet",
+        reference_scores=reference_scores,
+        lineage=tracking.Lineage.from_environment(snapshot=screened["snapshot"], data_version=record["data_version"]),
+    )
+    v = result.verdict
+    return xcoms.Monitored(
+        snapshot=screened["snapshot"],
+        reference=reference,
+        decision=v["decision"],
+        reasons=v["reasons"],
+        out=str(result.out),
+        mlflow_run_id=v["mlflow_run_id"],
+        skipped=result.skipped,
+    )
+
+
+def _snapshot_tiles(run: Run, record: xcoms.SnapshotRecord) -> Path:
+    from tasks.versioning import TILES_DIR
+
+    tiles = Path(record["tiles"])
+    return tiles if tiles.is_dir() else _restored(run, record) / TILES_DIR
+
+
+def retrain_request(monitored: Iterable[xcoms.Monitored]) -> dict[str, Any] | None:
+    """The drift Asset's event extra when a snapshot drifted or decayed (the newest such one), else None."""
+    moved = [m for m in monitored if m["decision"] in ("drift", "decay")]
+    if not moved:
+        return None
+    worst = max(moved, key=lambda m: (m["decision"] == "decay", m["snapshot"]))
+    return {"snapshot": worst["snapshot"], "decision": worst["decision"], "reasons": worst["reasons"][:10]}
+
+
+def retrain_request_step(run: Run, *, monitored: list[xcoms.Monitored]) -> dict[str, Any] | None:
+    """retrain_request with the alert that goes with it."""
+    request = retrain_request(monitored)
+    return None if request is None else {**request, "alert": drift_alert(run, request, monitored)}
+
+
+def summarize_screening(
+    run: Run, *, plan: xcoms.ScreeningPlan, screened: list[xcoms.Screened], monitored: list[xcoms.Monitored]
+) -> xcoms.ScreeningSummary:
+    """The screening run in a few lines: the version and threshold, then per snapshot the clear patches, the cloud
+    fraction, agreement with the official cloud list, the monitoring's decision and the MLflow runs."""
+    import mlflow
+
+    ui = run.load("pipeline", PipelineParams).mlflow_ui_url
+    decisions = {m["snapshot"]: m for m in monitored}
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"model     {plan['model']} ({plan['asked']}), threshold {plan['threshold']:.4f}; snapshots: {plan['why']}"
+    ]
+    for s in sorted(screened, key=lambda s: s["snapshot"]):
+        link = run_link(mlflow.get_tracking_uri(), s["mlflow_run_id"], ui)
+        lines.append(
+            f"{s['snapshot']}  {s['clear']} of {s['patches']} patches clear "
+            f"(cloud fraction {s['cloud_fraction']:.3f}); "
+            f"against the official cloud list precision {fmt(s['agreement_precision'])} recall "
+            f"{fmt(s['agreement_recall'])}; {'already screened' if s['skipped'] else 'screened'}: {s['out']}; {link}"
+        )
+        if m := decisions.get(s["snapshot"]):
+            lines.append(
+                f"{'':10}monitoring against {m['reference']}: {m['decision']}"
+                + "".join(f"\n{'':12}{reason}" for reason in m["reasons"][:5])
+                + f"\n{'':10}{run_link(mlflow.get_tracking_uri(), m['mlflow_run_id'], ui)}"
+            )
+    text = "\n".join(lines)
+    log.info("screening run summary:\n%s", text)
+    return xcoms.ScreeningSummary(
+        text=text,
+        version=plan["version"],
+        snapshots=[s["snapshot"] for s in screened],
+        decisions={m["snapshot"]: m["decision"] for m in monitored},
+    )
+
+
+# --- alerts: what each message says (the DAGs send them through Airflow's SMTP notifier) --------------------------
+
+
+def alert_recipients(params: PipelineParams) -> dict[str, Any] | None:
+    """The SMTP notifier's addressing, or None when no one is to be told (`pipeline.alerts.to` empty)."""
+    a = params.alerts
+    return {"to": a.to, "from_email": a.from_email, "smtp_conn_id": a.smtp_conn_id} if a.to else None
+
+
+def gate_alert(run: Run, verdict: xcoms.GateDecision, run_id: str) -> xcoms.Alert:
+    """The message of a gate decision: the decision, the versions, the reasons, the challenger's MLflow run."""
+    import mlflow
+
+    link = run_link(mlflow.get_tracking_uri(), run_id, run.load("pipeline", PipelineParams).mlflow_ui_url)
+    champion = verdict["registry"].get("champion") or "none"
+    subject = f"cloudscreen gate: {verdict['decision']} (version {verdict['challenger_version']}, champion {champion})"
+    lines = [
+        f"The gate decided {verdict['decision']} for challenger version {verdict['challenger_version']}.",
+        f"Champion now: version {champion}; before: {verdict['champion_version'] or 'none'}.",
+        "",
+        *verdict["reasons"],
+        "",
+        f"Challenger's run: {link}",
+    ]
+    return xcoms.Alert(subject=subject, body="\n".join(lines))
+
+
+def drift_alert(run: Run, request: dict[str, Any], monitored: Iterable[xcoms.Monitored]) -> xcoms.Alert:
+    """The message of a drift or decay verdict: which snapshot, why, and the monitoring runs."""
+    import mlflow
+
+    ui = run.load("pipeline", PipelineParams).mlflow_ui_url
+    lines = [f"Monitoring found {request['decision']} in snapshot {request['snapshot']}:", *request["reasons"], ""]
+    for m in monitored:
+        if m["decision"] != "ok":
+            link = run_link(mlflow.get_tracking_uri(), m["mlflow_run_id"], ui)
+            lines.append(f"{m['snapshot']} against {m['reference']}: {m['decision']}; {link}")
+    subject = f"cloudscreen monitoring: {request['decision']} in snapshot {request['snapshot']}"
+    return xcoms.Alert(subject=subject, body="\n".join(lines))
+
+
+def rollback_alert(done: dict[str, Any]) -> xcoms.Alert:
+    subject = f"cloudscreen rollback: champion back to version {done['champion']} (was {done['rolled_back']})"
+    body = (
+        f"{done['by']} rolled {done['registered_model']} back from version {done['rolled_back']} to "
+        f"{done['champion']}: {done['reason']}"
+    )
+    return xcoms.Alert(subject=subject, body=body)

@@ -116,5 +116,35 @@ def worst_errors(predictions: pd.DataFrame, threshold: float, k: int) -> tuple[p
     return false_pos.nlargest(k, "score"), false_neg.nsmallest(k, "score")
 
 
+def drift_figure(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str], labels: dict[str, str]) -> Any:
+    """The distributions of the most drifted columns, reference against new, one panel each (histograms on shared
+    bins for numbers, shares per value for categories); `labels` titles each panel (e.g. the test's value)."""
+    fig = _figure(3.6 * max(len(columns), 1), 3.0)
+    axes = fig.subplots(1, max(len(columns), 1), squeeze=False)[0]
+    for ax, column in zip(axes, columns, strict=False):
+        before, after = reference[column].dropna(), current[column].dropna()
+        if pd.api.types.is_numeric_dtype(before) and not pd.api.types.is_bool_dtype(before):
+            bins = np.histogram_bin_edges(np.concatenate([before, after]).astype(float), bins=30)
+            ax.hist(before, bins=bins, alpha=0.55, density=True, label="reference")
+            ax.hist(after, bins=bins, alpha=0.55, density=True, label="new")
+        else:
+            shares = pd.DataFrame(
+                {
+                    "reference": before.astype(str).value_counts(normalize=True),
+                    "new": after.astype(str).value_counts(normalize=True),
+                }
+            ).fillna(0.0)
+            x = np.arange(len(shares))
+            ax.bar(x - 0.2, shares["reference"], width=0.4, label="reference")
+            ax.bar(x + 0.2, shares["new"], width=0.4, label="new")
+            ax.set_xticks(x, shares.index, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{column}\n{labels.get(column, '')}", fontsize=8)
+        ax.legend(fontsize=7)
+    if not columns:
+        axes[0].text(0.5, 0.5, "no column drifted", ha="center", va="center")
+        axes[0].set_axis_off()
+    return fig
+
+
 def save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=120)

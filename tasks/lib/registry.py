@@ -22,6 +22,7 @@ from tasks.lib.tracking import (
     PREVIOUS_CHAMPION,
     TAG_GATE_DECISION,
     TAG_GATE_REASONS,
+    TAG_OPERATING_THRESHOLD,
     TAG_PREFIX,
 )
 
@@ -119,14 +120,16 @@ def _tag_text(reasons: tuple[str, ...]) -> str:
     return text if len(text) <= _TAG_MAX_CHARS else text[: _TAG_MAX_CHARS - 1] + "…"
 
 
-def promote(client: Any, verdict: Verdict, version: str, replaced: str | None) -> None:
-    """Tag the new champion with the decision and its predecessor, then move the aliases (the `replaced` tags are
-    the chain tasks.gate's rollback walks)."""
+def promote(client: Any, verdict: Verdict, version: str, replaced: str | None, threshold: float) -> None:
+    """Tag the new champion with the decision, its predecessor and its operating threshold, then move the aliases
+    (the `replaced` tags are the chain tasks.gate's rollback walks; the threshold is what screening and serving
+    decide at)."""
     name = verdict.registered_model
     tags = {
         TAG_GATE_DECISION: verdict.decision,
         TAG_GATE_REASONS: _tag_text(verdict.reasons),
         TAG_GATE_REPLACED: replaced or "",
+        TAG_OPERATING_THRESHOLD: repr(float(threshold)),
     }
     if verdict.forced:
         tags |= {TAG_GATE_BY: verdict.forced["by"], TAG_GATE_OVERRIDE: verdict.forced["reason"]}

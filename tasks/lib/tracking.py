@@ -39,6 +39,9 @@ TAG_KIND = "cloudscreen.kind"  # "train", "baseline", "search", "trial" or "eval
 KIND_EVALUATION = "evaluation"  # tasks.evaluate's run of its own: a model evaluated on other data
 TAG_GATE_DECISION = "cloudscreen.gate.decision"
 TAG_GATE_REASONS = "cloudscreen.gate.reasons"
+# On a registered version: the threshold the version decides at (score >= it is cloud), set by the gate when it
+# promotes, so the threshold travels with the version wherever it screens or serves.
+TAG_OPERATING_THRESHOLD = "cloudscreen.operating_threshold"
 
 # MLflow's own tags. The UI opens an experiment in its GenAI view (traces) unless the experiment says it holds model
 # training; the note is the description the UI shows (of an experiment, of a run).

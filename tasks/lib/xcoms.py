@@ -12,6 +12,13 @@ from typing import Any, NotRequired, TypedDict
 # --- refresh: download → validate → tile → sample → version ---------------------------------------------------------
 
 
+class Alert(TypedDict):
+    """A message the DAG's SMTP notifier sends (its subject and body are read from the task's XCom)."""
+
+    subject: str
+    body: str
+
+
 class Fetched(TypedDict):
     """download: the archive and the extracted patch folders."""
 
@@ -81,6 +88,8 @@ class TrainingData(TypedDict):
     dataset: str
     manifest: str
     tiles: str
+    trigger: NotRequired[str]  # why the run trains: new_data, drift, schedule or manual
+    trigger_reasons: NotRequired[str]  # ... in words (drift: the monitoring's reasons)
 
 
 class TrainingPlan(TypedDict):
@@ -115,6 +124,7 @@ class GateDecision(TypedDict):
     challenger_version: str | None
     champion_version: str | None
     registry: dict[str, Any]
+    alert: NotRequired[Alert]
 
 
 class TrainingSummary(TypedDict):
@@ -128,3 +138,56 @@ class TrainingSummary(TypedDict):
     reasons: list[str]
     snapshot: str
     data_version: str
+
+
+# --- screening: plan → screen (one per snapshot) → summary -------------------------------------------------------
+
+
+class ScreeningPlan(TypedDict):
+    """plan: the version every snapshot of this run is screened with (pinned, so a champion that moves mid-run does
+    not split the run between two versions) and the snapshots to screen."""
+
+    model: str  # models:/NAME/VERSION
+    asked: str  # the URI the form or the default named, e.g. models:/cloudscreen-classifier@champion
+    version: str
+    threshold: float
+    snapshots: list[str]
+    why: str  # what chose the snapshots: the form, new data, a new champion, every snapshot
+
+
+class Screened(TypedDict):
+    """screen: one snapshot's screening (the whole of it is OUT/<version>/summary.json)."""
+
+    snapshot: str
+    data_version: str
+    version: str
+    out: str
+    patches: int
+    clear: int
+    cloud_fraction: float
+    agreement_precision: float | None
+    agreement_recall: float | None
+    patches_per_second: float
+    mlflow_run_id: str
+    skipped: bool
+
+
+class Monitored(TypedDict):
+    """monitor: one snapshot against the champion's training data (the whole verdict is OUT/monitor.json)."""
+
+    snapshot: str
+    reference: str  # the reference snapshot, or the data version when no snapshot record has it
+    decision: str  # ok, drift or decay
+    reasons: list[str]
+    out: str
+    mlflow_run_id: str
+    skipped: bool
+
+
+class ScreeningSummary(TypedDict):
+    """summary: the screening run in a few lines."""
+
+    text: str
+    version: str
+    snapshots: list[str]
+    decisions: dict[str, str]  # snapshot → monitoring decision

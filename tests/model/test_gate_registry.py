@@ -27,6 +27,7 @@ from tasks.gate import gate, rollback
 from tasks.lib.config import load_section
 from tasks.lib.errors import GateError
 from tasks.lib.gate_rules import BOOTSTRAP, FORCED, PROMOTE, REJECT, GateParams
+from tasks.lib.metrics import OPERATING_THRESHOLD
 from tasks.lib.registry import TAG_GATE_BY, TAG_GATE_OVERRIDE, TAG_GATE_REPLACED, TAG_GATE_ROLLED_BACK
 from tasks.lib.tiles import load_patches
 from tasks.lib.tracking import (
@@ -37,6 +38,7 @@ from tasks.lib.tracking import (
     PREVIOUS_CHAMPION,
     TAG_GATE_DECISION,
     TAG_GATE_REASONS,
+    TAG_OPERATING_THRESHOLD,
     run_model_uri,
 )
 from tasks.mirror import build_mirror
@@ -266,6 +268,12 @@ def test_a_better_challenger_is_promoted_and_the_old_champion_kept_as_previous(c
     state = chain.states["after_promote"]
     assert state["aliases"] == {CHALLENGER: 2, CHAMPION: 2, PREVIOUS_CHAMPION: 1}
     assert state["tags"]["2"][TAG_GATE_DECISION] == PROMOTE and state["tags"]["2"][TAG_GATE_REPLACED] == "1"
+    # The threshold the challenger was judged at travels with the version: screening and serving decide at it.
+    from mlflow import MlflowClient
+
+    evaluated = MlflowClient().get_run(chain.runs["perfect"]).data.metrics[OPERATING_THRESHOLD]
+    assert float(state["tags"]["2"][TAG_OPERATING_THRESHOLD]) == pytest.approx(evaluated)
+    assert TAG_OPERATING_THRESHOLD not in chain.states["after_cli"]["tags"]["3"]  # a rejected challenger gets none
 
 
 def test_the_verdict_is_recorded_on_the_challengers_run(chain):

@@ -18,7 +18,10 @@ def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.lib.model import ModelParams
     from tasks.lib.pipeline import PipelineParams
     from tasks.lib.training_runs import CostParams
+    from tasks.monitor import MonitorParams
+    from tasks.screen import ScreenParams
     from tasks.search import SearchParams
+    from tasks.serve import ServeParams
     from tasks.tile import TileParams
     from tasks.train import TrainParams
     from tasks.versioning import VersioningParams
@@ -37,6 +40,9 @@ def test_every_section_of_params_yaml_loads_into_its_model():
         "evaluate": EvaluateParams,
         "gate": GateParams,
         "search": SearchParams,
+        "screen": ScreenParams,
+        "monitor": MonitorParams,
+        "serve": ServeParams,
         "pipeline": PipelineParams,
         "backends": BackendsParams,
     }

@@ -36,13 +36,30 @@ def training(bag):
     return bag.dags["cloudscreen_training"]
 
 
+@pytest.fixture(scope="module")
+def screening(bag):
+    return bag.dags["cloudscreen_screening"]
+
+
+@pytest.fixture(scope="module")
+def rollback(bag):
+    return bag.dags["cloudscreen_rollback"]
+
+
+@pytest.fixture(scope="module")
+def every_dag(refresh, training, screening, rollback):
+    return (refresh, training, screening, rollback)
+
+
 def edges(dag) -> set[tuple[str, str]]:
     return {(task.task_id, down) for task in dag.tasks for down in task.downstream_task_ids}
 
 
-def test_both_dags_load_without_import_errors(bag):
+def test_every_dag_loads_without_import_errors(bag):
     assert bag.import_errors == {}
-    assert set(bag.dags) == {"cloudscreen_refresh", "cloudscreen_training"}
+    assert set(bag.dags) == {
+        "cloudscreen_refresh", "cloudscreen_training", "cloudscreen_screening", "cloudscreen_rollback"
+    }  # fmt: skip
 
 
 def test_refresh_chains_the_data_steps(refresh):
@@ -60,16 +77,44 @@ def test_refresh_chains_the_data_steps(refresh):
 def test_training_branches_to_one_backend_then_evaluates_and_gates(training):
     trains = {"train_local", "train_docker", "train_kubernetes"}
     assert {t.task_id for t in training.tasks} == trains | {
-        "training_data", "plan_training", "choose_backend", "training_result", "evaluate", "gate", "summary",
+        "training_data", "plan_training", "choose_backend", "training_result", "evaluate", "gate", "new_champion",
+        "summary",
     }  # fmt: skip
+    assert ("training_data", "training_result") in edges(training)  # it tags the run with why it trained
     graph = edges(training)
     for train in trains:
         assert ("choose_backend", train) in graph
         assert ("plan_training", train) in graph
         assert (train, "training_result") in graph
-    assert {("training_result", "evaluate"), ("evaluate", "gate"), ("gate", "summary")} <= graph
+    assert {
+        ("training_result", "evaluate"),
+        ("evaluate", "gate"),
+        ("gate", "summary"),
+        ("gate", "new_champion"),
+    } <= graph
+    assert [o.name for o in training.get_task("new_champion").outlets] == ["cloudscreen_champion"]
     # Whichever backend ran, the others are skipped: the join must not need them all.
     assert training.get_task("training_result").trigger_rule == "none_failed_min_one_success"
+
+
+def test_screening_follows_new_data_and_new_champions_one_task_per_snapshot(screening, rollback):
+    assert {t.task_id for t in screening.tasks} == {
+        "plan", "snapshots", "screen", "monitor", "request_retraining", "summary",
+    }  # fmt: skip
+    assert {
+        ("plan", "snapshots"), ("snapshots", "screen"), ("plan", "screen"), ("screen", "monitor"),
+        ("monitor", "request_retraining"), ("request_retraining", "summary"),
+    } <= edges(screening)  # fmt: skip
+    assert [o.name for o in screening.get_task("request_retraining").outlets] == ["cloudscreen_drift"]
+    assert screening.get_task("summary").trigger_rule == "none_failed"  # a skipped request is no failure
+    condition = str(screening.timetable.asset_condition)
+    assert "cloudscreen_training_data" in condition and "cloudscreen_champion" in condition
+    assert screening.catchup is False
+    assert set(screening.params) == {"snapshot", "every_snapshot", "model"}
+    assert screening.params["model"] == "models:/cloudscreen-classifier@champion"
+    # A rollback from the UI moves the champion too, and says so on the same Asset.
+    assert type(rollback.timetable).__name__ == "NullTimetable"  # manual only
+    assert [o.name for o in rollback.get_task("rollback").outlets] == ["cloudscreen_champion"]
 
 
 def test_schedules_and_limits_come_from_params(refresh, training):
@@ -85,27 +130,27 @@ def test_schedules_and_limits_come_from_params(refresh, training):
     assert [o.name for o in refresh.get_task("version").outlets] == ["cloudscreen_training_data"]
 
 
-def test_io_tasks_retry_with_exponential_backoff_and_everything_has_a_timeout(refresh, training):
+def test_io_tasks_retry_with_exponential_backoff_and_everything_has_a_timeout(refresh, training, screening):
     settings = load_section("pipeline", PipelineParams)
     for task_id in ("download", "version"):
         task = refresh.get_task(task_id)
         assert task.retries == settings.retries
         assert task.retry_exponential_backoff == settings.retry_exponential_backoff
         assert task.max_retry_delay == dt.timedelta(seconds=settings.max_retry_delay_seconds)
-    for dag in (refresh, training):
+    for dag in (refresh, training, screening):
         for task in dag.tasks:
             assert task.execution_timeout is not None, task.task_id
     assert refresh.get_task("tile").execution_timeout == dt.timedelta(minutes=settings.timeout_minutes["tile"])
 
 
-def test_permanent_errors_fail_every_python_task_without_retries(refresh, training):
+def test_permanent_errors_fail_every_python_task_without_retries(every_dag):
     """Each Python task body is wrapped by tasks.lib.errors.fail_fast with Airflow's AirflowFailException: a permanent
     error (bad data, bad params) fails at once, transient ones keep the task's retries (tests/e2e/test_retries.py)."""
     import inspect
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    for dag in (refresh, training):
+    for dag in every_dag:
         for task in dag.tasks:
             body = getattr(task, "python_callable", None)
             if body is None or task.task_id == "choose_backend":  # the KPO runs an image; the branch only picks
@@ -120,8 +165,8 @@ def test_every_training_backend_runs_in_the_gpu_pool(training):
         assert training.get_task(task_id).pool == pool
 
 
-def test_every_dag_and_task_is_documented(refresh, training):
-    for dag in (refresh, training):
+def test_every_dag_and_task_is_documented(refresh, every_dag):
+    for dag in every_dag:
         assert dag.doc_md and len(dag.doc_md) > 200
         for task in dag.tasks:
             assert task.doc_md and task.doc_md.strip(), f"{dag.dag_id}.{task.task_id} has no doc_md"
@@ -228,3 +273,35 @@ def test_k8s_pod_template_in_docker_agrees_with_the_backend_settings():
     assert container["image"] == settings.image
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == str(settings.gpus)
     assert [t["key"] for t in spec["tolerations"]] == [t.key for t in settings.tolerations]
+
+
+@pytest.mark.parametrize(
+    ("retrain_on", "asset"), [("every_snapshot", "cloudscreen_training_data"), ("drift", "cloudscreen_drift")]
+)
+def test_retrain_on_chooses_what_triggers_training_besides_the_schedule(tmp_path, monkeypatch, retrain_on, asset):
+    from airflow.dag_processing.dagbag import DagBag
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["pipeline"]["retrain_on"] = retrain_on
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("CLOUDSCREEN_PARAMS", str(tmp_path / "params.yaml"))
+    training = DagBag(dag_folder=str(REPO / "dags" / "cloudscreen_training.py")).dags["cloudscreen_training"]
+    condition = str(training.timetable.asset_condition)
+    assert asset in condition
+    other = ({"cloudscreen_training_data", "cloudscreen_drift"} - {asset}).pop()
+    assert other not in condition
+    assert training.timetable.timetable.expression == "0 0 1 * *"  # the monthly safety net either way
+
+
+def test_why_a_training_run_trains():
+    from tasks.lib.pipeline import training_trigger
+
+    drift = {"snapshot": "2026-11-30", "decision": "drift", "reasons": ["B04_mean: wasserstein distance 4.1 >= 0.2"]}
+    kind, words = training_trigger(run_type="asset_triggered", events=[drift])
+    assert kind == "drift" and "2026-11-30: drift: B04_mean" in words
+    assert training_trigger(run_type="asset_triggered", events=[{"snapshot": "s1"}]) == (
+        "new_data",
+        "new snapshot(s): s1",
+    )
+    assert training_trigger(run_type="scheduled")[0] == "schedule"
+    assert training_trigger(run_type="manual")[0] == "manual"

@@ -61,6 +61,9 @@ def test_the_k8s_files_are_the_ones_the_gpu_backend_needs():
         "mlflow-secret.example.yaml",
         "trainer-pod.yaml",
         "trainer-pod-spot.yaml",
+        "serve-deployment.yaml",
+        "serve-service.yaml",
+        "serve-hpa.yaml",
     }
 
 
@@ -193,7 +196,7 @@ def test_compose_validates_against_the_compose_specification(compose):
 
 
 def test_compose_runs_the_whole_pipeline(compose):
-    assert set(compose["services"]) == {"postgres", "gcs", "mlflow", *AIRFLOW_SERVICES}
+    assert set(compose["services"]) == {"postgres", "gcs", "mlflow", "serve", *AIRFLOW_SERVICES}
     commands = {name: service.get("command") for name, service in compose["services"].items()}
     init = commands["airflow-init"]
     assert init[:2] == ["bash", "-c"] and "airflow db migrate && " in init[2]
@@ -256,6 +259,16 @@ def test_compose_volumes_are_declared_and_ports_are_the_uis(compose):
     ports = {name: service.get("ports", []) for name, service in compose["services"].items()}
     assert ports["airflow-api-server"] == ["127.0.0.1:8080:8080"]
     assert ports["mlflow"] == ["127.0.0.1:5000:5000"]
+    assert ports["serve"] == ["127.0.0.1:8000:8000"]
+
+
+def test_compose_serves_the_champion_from_the_tracking_server(compose):
+    serve = compose["services"]["serve"]
+    assert serve["build"]["dockerfile"] == "docker/serve.Dockerfile"
+    assert serve["command"] == ["--model", "models:/cloudscreen-classifier@champion"]
+    assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert serve["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    assert "/health" in serve["healthcheck"]["test"][-1]
 
 
 def test_compose_mlflow_uses_postgres_and_the_emulator_bucket(compose):
@@ -309,6 +322,7 @@ def test_the_dockerfiles_are_the_ones_the_stack_uses():
         "airflow.Dockerfile",
         "mlflow.Dockerfile",
         "gcs.Dockerfile",
+        "serve.Dockerfile",
     }
 
 
@@ -378,6 +392,7 @@ def test_the_airflow_image_matches_the_lock_and_carries_dags_and_tasks():
     assert final["FROM"] == [f"apache/airflow:{_lock_version('apache-airflow')}-python3.11"]
     copies = " ".join(final["COPY"])
     assert "dags /opt/airflow/dags" in copies and "tasks /opt/cloudscreen/tasks" in copies
+    assert "ops /opt/cloudscreen/ops" in copies  # the DAGs import ops.alerts
     assert any("PYTHONPATH=/opt/cloudscreen" in env for env in final["ENV"])
     assert any("CLOUDSCREEN_DATA_ROOT=/opt/cloudscreen/data" in env for env in final["ENV"])
 
@@ -438,3 +453,72 @@ def test_the_spot_pod_is_the_trainer_pod_on_the_spot_pool_at_preemptible_prices(
     assert {k: rendered_env[k] for k in ("CLOUDSCREEN_MACHINE_TYPE", "CLOUDSCREEN_ACCELERATOR")} == {
         k: env[k] for k in ("CLOUDSCREEN_MACHINE_TYPE", "CLOUDSCREEN_ACCELERATOR")
     }
+
+
+# --- the model server ----------------------------------------------------------------------------------------------
+
+
+def _serve_objects() -> dict[str, dict]:
+    return {kind: resource for name in ("deployment", "service", "hpa")
+            for resource in _resources(K8S / f"serve-{name}.yaml") for kind in [resource["kind"]]}  # fmt: skip
+
+
+def test_the_serve_image_pins_the_lock_and_runs_tasks_serve_on_every_address():
+    final = _final_stage(DOCKER / "serve.Dockerfile")
+    run = " ".join(final["RUN"])
+    packages = (
+        "mlflow",
+        "tensorflow-cpu",
+        "keras",
+        "fastapi",
+        "uvicorn",
+        "python-multipart",
+        "tifffile",
+        "onnxruntime",
+    )
+    for package in (*packages, "onnx"):
+        assert f"{package}=={_lock_version(package)}" in run, package
+    assert "airflow" not in run
+    assert final["ENTRYPOINT"] == ['["python", "-m", "tasks.serve", "--host", "0.0.0.0", "--port", "8000"]']
+    assert final["EXPOSE"] == ["8000"]
+    assert any("CLOUDSCREEN_GIT_COMMIT" in env for env in final["ENV"])
+
+
+def test_the_serve_deployment_probes_health_and_ping_and_reads_the_model_from_the_environment():
+    objects = _serve_objects()
+    deployment = objects["Deployment"]
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert deployment["metadata"]["namespace"] == "cloudscreen"
+    assert container["image"].startswith("europe-west4-docker.pkg.dev/PROJECT_ID/cloudscreen/serve")
+    (port,) = container["ports"]
+    assert port == {"name": "http", "containerPort": 8000}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/ping"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.cloudscreen.svc.cluster.local:5000"
+    assert env["CLOUDSCREEN_MODEL"]["value"] == "models:/cloudscreen-classifier@champion"
+    assert container["args"] == ["--model", "$(CLOUDSCREEN_MODEL)"]
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cloudscreen-mlflow"
+    assert all("value" not in e for e in container["env"] if "TOKEN" in e["name"])
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    user = _final_stage(DOCKER / "serve.Dockerfile")["USER"][-1]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert user.split(":")[0] == str(pod["spec"]["securityContext"]["runAsUser"])
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_the_serve_service_and_autoscaler_point_at_the_deployment():
+    objects = _serve_objects()
+    deployment, service, hpa = objects["Deployment"], objects["Service"], objects["HorizontalPodAutoscaler"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert {o["metadata"]["namespace"] for o in objects.values()} == {"cloudscreen"}

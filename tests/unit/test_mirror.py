@@ -12,9 +12,10 @@ import pytest
 import tifffile
 
 from tasks.lib import bigearthnet as ben
+from tasks.lib.config import load_section
 from tasks.lib.errors import ConfigError
 from tasks.lib.files import file_digest
-from tasks.mirror import Fault, archive_name, build_mirror, parse_faults
+from tasks.mirror import Fault, MirrorParams, Shift, archive_name, build_mirror, parse_faults, parse_shifts
 from tests.conftest import REPO, mirror_params
 
 
@@ -76,6 +77,84 @@ def test_same_seed_gives_byte_identical_archive_and_other_seed_does_not(tmp_path
     assert again.sha256 == small_mirror.sha256
     other = build_mirror(out=tmp_path / "b", params=mirror_params(patches=40, seed=6), workers=1)
     assert other.sha256 != small_mirror.sha256
+
+
+# sha256 of archives built by tasks/mirror.py before drift (`shifts`) existed: a mirror without shifts is still
+# byte for byte that archive. Change these only when the rendering changes on purpose (and say so in the change).
+REFERENCE_SHA256 = {
+    (40, 5, True): "0ee8d92e3cdd4339da364341492d57fee7d5b1c99bad167dc070d67ba0e35882",
+    (3, 1, False): "e376935ef8eb61dacf96151b016d2ff4a08180769d52b20b82616cec9a73bf66",
+}
+
+
+def test_a_mirror_without_shifts_keeps_the_reference_bytes(tmp_path, small_mirror):
+    assert small_mirror.shifts == ()
+    assert small_mirror.sha256 == REFERENCE_SHA256[40, 5, True]
+    tiny = build_mirror(out=tmp_path, params=mirror_params(patches=3, seed=1, include_real=False, shifts=[]))
+    assert tiny.sha256 == REFERENCE_SHA256[3, 1, False]
+    assert json.loads(tiny.archive.with_name(tiny.archive.name + ".contents.json").read_text())["shifts"] == []
+
+
+def test_same_seed_and_shifts_give_the_same_bytes_however_spelled(tmp_path):
+    def build(out: str, shifts: list[str]):
+        params = mirror_params(patches=4, seed=3, include_real=False, shifts=shifts)
+        return build_mirror(out=tmp_path / out, params=params, workers=1)
+
+    one = build("a", ["haze", "gain", "offset", "season=winter"])
+    two = build("b", ["season=Winter", "offset=1000", "gain=1.1", "haze=0.2"])
+    assert one.sha256 == two.sha256 and one.archive.name == two.archive.name
+    assert one.shifts == ("offset=1000", "gain=1.1", "season=Winter", "haze=0.2")
+    assert one.archive.name == "BigEarthNet-S2-mirror-4-3-offset1000-gain1.1-seasonWinter-haze0.2.tar.gz"
+    contents = json.loads(one.archive.with_name(one.archive.name + ".contents.json").read_text())
+    assert contents["shifts"] == list(one.shifts)
+    assert build("a", ["haze", "gain", "offset", "season=winter"]).skipped  # same recipe: nothing to do
+    assert build("c", ["offset=999", "gain", "haze", "season=Winter"]).sha256 != one.sha256
+
+
+def test_parse_shifts_gives_each_kind_its_default_magnitude():
+    assert parse_shifts(list(Shift)) == {
+        Shift.OFFSET: 1000,
+        Shift.GAIN: 1.1,
+        Shift.SEASON: "Winter",
+        Shift.CLOUD_FRACTION: 0.6,
+        Shift.HAZE: 0.2,
+        Shift.REGION: "Luxembourg",
+    }
+    assert parse_shifts(["region=kosovo", "offset=-200", "gain=2"]) == {
+        Shift.OFFSET: -200,
+        Shift.GAIN: 2.0,
+        Shift.REGION: "Kosovo",
+    }
+    assert parse_shifts([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("brightness=2", r"shift 'brightness=2': unknown kind; choose from offset, gain, season, cloud_fraction, haze"),
+        ("offset=1.5", r"shift 'offset=1.5': MAGNITUDE must be an integer"),
+        ("offset=70000", r"shift 'offset=70000': MAGNITUDE must be an integer"),
+        ("gain=0", r"shift 'gain=0': MAGNITUDE must be a factor above 0"),
+        ("gain=x", r"shift 'gain=x': MAGNITUDE must be a factor"),
+        ("cloud_fraction=1.5", r"shift 'cloud_fraction=1.5': MAGNITUDE must be a share from 0 to 1"),
+        ("haze=nan", r"shift 'haze=nan': MAGNITUDE must be the veil's opacity"),
+        ("season=Monsoon", r"shift 'season=Monsoon': MAGNITUDE must be a season, one of Winter"),
+        ("region=Spain", r"shift 'region=Spain': MAGNITUDE must be a BigEarthNet country, one of Austria"),
+    ],
+)
+def test_a_bad_shift_is_a_config_error_naming_it(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_shifts([spec])
+    with pytest.raises(ConfigError, match=message):  # the same through params and --set
+        load_section("mirror", MirrorParams, overrides=[f"mirror.shifts=[{spec!r}]"])
+
+
+def test_a_shift_given_twice_or_not_as_strings_is_a_config_error():
+    with pytest.raises(ConfigError, match="shift 'offset=5': offset is given twice"):
+        parse_shifts(["offset", "offset=5"])
+    with pytest.raises(ConfigError, match=r"mirror\.shifts: expected a list of 'KIND' or 'KIND=MAGNITUDE' strings"):
+        load_section("mirror", MirrorParams, overrides=["mirror.shifts={offset: 1000}"])
+    assert load_section("mirror", MirrorParams, overrides=["mirror.shifts=offset"]).shifts == ("offset=1000",)
 
 
 def test_checksum_file_is_in_sha256sum_format(small_mirror):
@@ -156,3 +235,23 @@ def test_cli_prints_the_archive_path(tmp_path):
     )
     assert bad.returncode == 2
     assert "unknown fault" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_renders_shifts(tmp_path):
+    command = [sys.executable, "-m", "tasks.mirror", "--out", str(tmp_path), "--patches", "3", "--seed", "9"]
+    run = subprocess.run(
+        [*command, "--no-real", "--shift", "offset", "--shift", "season=summer"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    archive = tmp_path / archive_name(3, 9, shifts=("offset=1000", "season=Summer"))
+    assert run.stdout.strip() == str(archive)
+    assert json.loads(archive.with_name(archive.name + ".contents.json").read_text())["shifts"] == [
+        "offset=1000",
+        "season=Summer",
+    ]
+    bad = subprocess.run([*command, "--shift", "tilt=3"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "shift 'tilt=3': unknown kind; choose from offset, gain" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,126 @@
+"""Has a snapshot moved away from a reference? Per-patch band features and column-by-column drift tests, run by
+Evidently (its `Report` of per-column `ValueDrift` metrics), with its HTML report as the artifact people open.
+
+Features are tabular, as Evidently wants them: for each patch of a seeded sample, each band's mean, standard
+deviation and 5th and 95th percentiles (`FEATURE_STATS`); plus the context columns (season, country, the official
+cloud label) and the model's score when known. A column drifts when its method's value crosses its threshold:
+distances (Wasserstein, Jensen-Shannon, PSI) at or above it, p-values (K-S, chi-square) below it. Distances measure
+how far a distribution moved, not whether a sample can tell, so big snapshots do not turn tiny shifts into alarms.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+FEATURE_STATS = ("mean", "std", "p05", "p95")
+DISTANCE_METHODS = ("wasserstein", "jensenshannon", "psi", "hellinger")
+P_VALUE_METHODS = ("ks", "chisquare", "z")
+METHODS = DISTANCE_METHODS + P_VALUE_METHODS
+
+
+def band_features(patches: np.ndarray, bands: tuple[str, ...] | list[str], stride: int = 1) -> pd.DataFrame:
+    """One row per patch: `<band>_<stat>` for every band and FEATURE_STATS (percentiles on every `stride`-th pixel
+    in each direction: a subsample that keeps the distribution, at a fraction of the sort)."""
+    n = len(patches)
+    if n == 0:
+        return pd.DataFrame(columns=[f"{b}_{s}" for b in bands for s in FEATURE_STATS], dtype=np.float64)
+    pixels = patches.reshape(n, -1, patches.shape[-1]).astype(np.float32)
+    sampled = patches[:, ::stride, ::stride, :].reshape(n, -1, patches.shape[-1]).astype(np.float32)
+    low, high = np.percentile(sampled, [5, 95], axis=1)
+    columns: dict[str, np.ndarray] = {}
+    for i, band in enumerate(bands):
+        columns[f"{band}_mean"] = pixels[:, :, i].mean(axis=1)
+        columns[f"{band}_std"] = pixels[:, :, i].std(axis=1)
+        columns[f"{band}_p05"] = low[:, i]
+        columns[f"{band}_p95"] = high[:, i]
+    return pd.DataFrame(columns).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ColumnDrift:
+    column: str
+    kind: str  # numerical or categorical
+    method: str
+    value: float  # the method's distance or p-value
+    threshold: float
+    drifted: bool
+
+    def reason(self, reference: pd.Series, current: pd.Series) -> str:
+        relation = ">=" if self.method in DISTANCE_METHODS else "<"
+        what = "distance" if self.method in DISTANCE_METHODS else "p-value"
+        text = f"{self.column}: {self.method} {what} {self.value:.3g} {relation} threshold {self.threshold:g}"
+        if self.kind == "numerical":
+            return text + f" (median {reference.median():.4g} in the reference, {current.median():.4g} now)"
+        before, after = _top_share(reference), _top_share(current)
+        return text + f" (reference {before}; now {after})"
+
+
+def _top_share(values: pd.Series, k: int = 3) -> str:
+    shares = values.astype(str).value_counts(normalize=True).head(k)
+    return ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
+
+
+def _evidently() -> Any:
+    """Import Evidently 0.7, shimming the one pandas function it imports that pandas 3 removed.
+
+    evidently.legacy.tests.data_integrity_tests imports pandas.core.dtypes.common.infer_dtype_from_object at import
+    time; nothing on the drift path calls it. Defining it (as pandas 2 did: the scalar type of a dtype) lets the
+    import succeed; the shim is only added when pandas lacks it.
+    """
+    import pandas.core.dtypes.common as common
+
+    if not hasattr(common, "infer_dtype_from_object"):
+
+        def infer_dtype_from_object(dtype: Any) -> type:
+            return dtype if isinstance(dtype, type) else np.dtype(dtype).type
+
+        common.infer_dtype_from_object = infer_dtype_from_object
+    import evidently
+
+    return evidently
+
+
+def column_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    *,
+    numerical: list[str],
+    categorical: list[str],
+    methods: dict[str, tuple[str, float]],
+    html: Path | None = None,
+) -> list[ColumnDrift]:
+    """Evidently's per-column drift of `current` against `reference`, each column by the method and threshold
+    `methods` gives its kind ("numerical", "categorical") or its own name; its HTML report to `html`."""
+    _evidently()
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+    kinds = {c: "numerical" for c in numerical} | {c: "categorical" for c in categorical}
+    chosen = {c: methods.get(c, methods[kind]) for c, kind in kinds.items()}
+    report = Report([ValueDrift(column=c, method=m, threshold=t) for c, (m, t) in chosen.items()])
+    columns = list(kinds)
+    snapshot = report.run(
+        Dataset.from_pandas(current[columns], data_definition=definition),
+        Dataset.from_pandas(reference[columns], data_definition=definition),
+    )
+    if html is not None:
+        snapshot.save_html(str(html))
+    values = {}
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        values[config["column"]] = float(metric["value"])
+    results = []
+    for column, (method, threshold) in chosen.items():
+        value = values[column]
+        drifted = value >= threshold if method in DISTANCE_METHODS else value < threshold
+        results.append(ColumnDrift(column, kinds[column], method, value, threshold, bool(drifted)))
+    return results
