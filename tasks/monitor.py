@@ -4,8 +4,8 @@
 compares the snapshot NEW with REF (by default, without --reference: the data version the model was trained on,
 read from its lineage tag and restored from the DVC remote) and writes `DIR/monitor.json` with a decision:
 - `decay`: where labels exist (BigEarthNet's official cloud-and-shadow list labels every patch, the `cloud` column of
-  metadata.parquet), the model's recall or precision at its operating threshold on NEW fell below its own test
-  figures by more than the tolerance (`monitor` section);
+  metadata.parquet), the model's recall at its operating threshold on NEW fell below its own test recall, or its
+  false-positive rate rose above its own test rate, by more than the tolerance (`monitor` section);
 - `drift`: a column drifted (tasks.lib.drift, Evidently): a band feature of the patches (input drift), the model's
   score (prediction drift) or a context column (season, country, the labelled cloud prevalence);
 - `ok`: neither.
@@ -67,7 +67,7 @@ class MonitorParams(StepParams):
     score: DriftRule
     context_columns: list[str]
     recall_tolerance: float = Field(ge=0, lt=1)
-    precision_tolerance: float = Field(ge=0, lt=1)
+    false_positive_tolerance: float = Field(ge=0, lt=1)
     min_labelled_clouds: int = Field(ge=1)
     plots: int = Field(ge=1)
     experiment: str = Field(min_length=1)
@@ -164,28 +164,49 @@ def _frame(
 # --- the decision -------------------------------------------------------------------------------------------------
 
 
+def _false_positive_rate(fp: float | None, tn: float | None) -> float:
+    return fp / (fp + tn) if fp is not None and tn is not None and fp + tn > 0 else float("nan")
+
+
 def _decay(labelled: pd.DataFrame, version: ModelVersion, params: MonitorParams) -> tuple[dict[str, Any], list[str]]:
-    """The model at its threshold on NEW's labelled patches against its own test figures."""
+    """The model at its threshold on NEW's labelled patches against its own test figures.
+
+    Recall (of the clouds) and the false-positive rate (of the clear patches) are compared, not precision: both are
+    rates within one class, so they do not move with the cloud share, while precision does. A snapshot at the real
+    prevalence (a few % cloud) would show a far lower precision than the balanced test set for the same model.
+    """
     import mlflow
 
     labels = labelled[LABEL_COLUMN].astype(int).to_numpy()
     now = binary_metrics(labels, labelled[SCORE_COLUMN].to_numpy(), version.threshold)
+    now["false_positive_rate"] = _false_positive_rate(now["fp"], now["tn"])
     recorded = mlflow.MlflowClient().get_run(version.run_id).data.metrics
-    test = {m: recorded.get(metric_name("test", m, "op")) for m in ("recall", "precision")}
-    figures = {"patches": len(labels), "clouds": int(labels.sum()), "now": now, "test": test}
+    test = {
+        "recall": recorded.get(metric_name("test", "recall", "op")),
+        "false_positive_rate": _false_positive_rate(
+            recorded.get(metric_name("test", "fp", "op")), recorded.get(metric_name("test", "tn", "op"))
+        ),
+    }
+    clouds, clear = int(labels.sum()), int(len(labels) - labels.sum())
+    figures = {"patches": len(labels), "clouds": clouds, "now": now, "test": test}
     reasons: list[str] = []
-    if labels.sum() < params.min_labelled_clouds:
-        figures["checked"] = False
+    figures["checked"] = bool(clouds >= params.min_labelled_clouds)
+    if not figures["checked"]:
         return figures, reasons
-    figures["checked"] = True
-    for metric, tolerance in (("recall", params.recall_tolerance), ("precision", params.precision_tolerance)):
-        if test[metric] is None or not np.isfinite(now[metric]):
-            continue
-        if now[metric] < test[metric] - tolerance:
-            reasons.append(
-                f"{metric} at threshold {version.threshold:.4f}: {now[metric]:.3f} on {int(labels.sum())} labelled "
-                f"clouds, below the model's test {metric} {test[metric]:.3f} by more than {tolerance:g}"
-            )
+    where = f"at threshold {version.threshold:.4f}"
+    if test["recall"] is not None and now["recall"] < test["recall"] - params.recall_tolerance:
+        reasons.append(
+            f"recall {where}: {now['recall']:.3f} on {clouds} labelled clouds, below the model's test recall "
+            f"{test['recall']:.3f} by more than {params.recall_tolerance:g}"
+        )
+    if np.isfinite(test["false_positive_rate"]) and (
+        now["false_positive_rate"] > test["false_positive_rate"] + params.false_positive_tolerance
+    ):
+        reasons.append(
+            f"false-positive rate {where}: {now['false_positive_rate']:.3f} on {clear} labelled clear patches, above "
+            f"the model's test false-positive rate {test['false_positive_rate']:.3f} by more than "
+            f"{params.false_positive_tolerance:g}"
+        )
     return figures, reasons
 
 
@@ -313,7 +334,9 @@ def monitor(
             metrics |= {f"drift_{c.column}": c.value for c in columns if np.isfinite(c.value)}
             if decay and decay.get("checked"):
                 metrics |= {
-                    f"new_{k}": v for k, v in decay["now"].items() if k in ("recall", "precision") and np.isfinite(v)
+                    f"new_{k}": v
+                    for k, v in decay["now"].items()
+                    if k in ("recall", "false_positive_rate") and np.isfinite(v)
                 }
             mlflow.log_metrics(metrics)
             write_json(tmp / MONITOR_FILE, jsonable(verdict))

@@ -66,7 +66,8 @@ def champion(tracking_uri) -> str:
             pip_requirements=["mlflow"],
             registered_model_name=NAME,
         )
-        mlflow.log_metrics({"test_op_recall": 0.96, "test_op_precision": 0.90})
+        # Test recall 0.96; false-positive rate 5 / (5 + 95) = 0.05.
+        mlflow.log_metrics({"test_op_recall": 0.96, "test_op_fp": 5, "test_op_tn": 95})
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     client.set_model_version_tag(NAME, version, TAG_OPERATING_THRESHOLD, "0.5")
@@ -142,6 +143,7 @@ def test_a_model_whose_recall_fell_on_labelled_data_is_decay(training_data, para
     assert verdict["decision"] == DECAY
     assert verdict["reasons"][0].startswith("recall at threshold 0.5000: ")
     assert "below the model's test recall 0.960" in verdict["reasons"][0]
+    assert len(verdict["reasons"]) == 1  # no clear patch was called cloud: its false-positive rate did not rise
     assert verdict["decay"]["now"]["recall"] == pytest.approx(1 - missed.sum() / frame["cloud"].sum())
     assert verdict["drifted"] == []  # the same snapshot and scores on both sides: nothing drifted
 
@@ -171,3 +173,32 @@ def test_bad_inputs_are_named(training_data, params, tmp_path):
             scores=bad,
         )
     assert not (tmp_path / "m").exists()
+
+
+def test_more_false_alarms_on_clear_patches_are_decay_whatever_the_cloud_share(
+    training_data, params, champion, tmp_path
+):
+    """Every cloud found, but a fifth of the clear patches called cloud: the false-positive rate (0.2) is above the
+    test's 0.05 by more than the tolerance. Precision is not judged: it moves with the cloud share."""
+    index = pd.read_parquet(training_data.tiles / INDEX_FILE, columns=["patch_id"])
+    labels = pd.read_parquet(training_data.tiles / "metadata.parquet", columns=["patch_id", "cloud"])
+    frame = index.merge(labels, on="patch_id")
+    false_alarm = ~frame["cloud"] & (np.arange(len(frame)) % 5 == 0)
+    path = tmp_path / "scores.parquet"
+    frame.assign(cloud_probability=np.where(frame["cloud"] | false_alarm, 0.9, 0.1))[
+        ["patch_id", "cloud_probability"]
+    ].to_parquet(path)
+    verdict = monitor(
+        tiles=training_data.tiles,
+        reference=training_data.tiles,
+        out=tmp_path / "m",
+        params=params,
+        model=MODEL,
+        scores=path,
+        reference_scores=path,
+    ).verdict
+    assert verdict["decision"] == DECAY
+    (reason,) = verdict["reasons"]
+    assert reason.startswith("false-positive rate at threshold 0.5000: ")
+    assert "above the model's test false-positive rate 0.050" in reason
+    assert verdict["decay"]["now"]["recall"] == 1.0
