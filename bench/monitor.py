@@ -68,12 +68,13 @@ def expected(kind: str, column: str) -> bool:
 def build_tiles(patches: int, seed: int, shift: str | None, cluster: str) -> tuple[Path, float]:
     """A tiled mirror (cached): its tiles and the seconds tasks.tile took (0 when cached)."""
     from tasks.lib.config import load_section
+    from tasks.lib.tiles import MANIFEST_FILE
     from tasks.mirror import MirrorParams, build_mirror
     from tasks.tile import TileParams, tile
 
     name = f"{patches}-{seed}" + (f"-{shift.replace('=', '')}" if shift else "")
     tiles = BUILT / "tiles" / name
-    if (tiles / "manifest.json").is_file():
+    if (tiles / MANIFEST_FILE).is_file():
         return tiles, 0.0
     work = Path(tempfile.mkdtemp(prefix=f"m-{name}-", dir=BUILT))
     try:
