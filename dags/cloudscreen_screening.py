@@ -89,11 +89,7 @@ def cloudscreen_screening():
         ones whose refresh triggered the run, else the newest. A new snapshot before the first champion skips the
         run. Output: the version, threshold and snapshots."""
         context = get_current_context()
-        events = [
-            event.extra
-            for asset_events in (context.get("triggering_asset_events") or {}).values()
-            for event in asset_events
-        ]
+        events = pipeline.event_extras(context.get("triggering_asset_events"))
         params = context["params"]
         if events and not pipeline.model_exists(params["model"]):
             raise AirflowSkipException(f"{params['model']} does not exist yet: nothing to screen with")

@@ -132,11 +132,7 @@ def cloudscreen_training():
         Output: snapshot, data version, manifest and tiles paths.
         """
         context = get_current_context()
-        events = [
-            event.extra
-            for asset_events in (context.get("triggering_asset_events") or {}).values()
-            for event in asset_events
-        ]
+        events = pipeline.event_extras(context.get("triggering_asset_events"))
         params = context["params"]
         pipeline.check_training_form(force_promote=params["force_promote"], reason=params["reason"])
         data = pipeline.training_data(_run(), snapshot=params["snapshot"], events=events, dataset=params["dataset"])

@@ -68,6 +68,7 @@ class MonitorParams(StepParams):
     context_columns: list[str]
     recall_tolerance: float = Field(ge=0, lt=1)
     false_positive_tolerance: float = Field(ge=0, lt=1)
+    decay_alpha: float = Field(gt=0, lt=1)
     min_labelled_clouds: int = Field(ge=1)
     plots: int = Field(ge=1)
     experiment: str = Field(min_length=1)
@@ -164,49 +165,67 @@ def _frame(
 # --- the decision -------------------------------------------------------------------------------------------------
 
 
-def _false_positive_rate(fp: float | None, tn: float | None) -> float:
-    return fp / (fp + tn) if fp is not None and tn is not None and fp + tn > 0 else float("nan")
+def _rate(hits: float | None, misses: float | None) -> float:
+    return hits / (hits + misses) if hits is not None and misses is not None and hits + misses > 0 else float("nan")
+
+
+def _worse(now: tuple[float, float], test: tuple[float, float], alternative: str) -> float:
+    """Fisher's exact test p-value that the rate hits / (hits + misses) is now lower ("less") or higher ("greater")
+    than on the test set."""
+    from scipy.stats import fisher_exact
+
+    return float(fisher_exact([[int(now[0]), int(now[1])], [int(test[0]), int(test[1])]], alternative=alternative)[1])
 
 
 def _decay(labelled: pd.DataFrame, version: ModelVersion, params: MonitorParams) -> tuple[dict[str, Any], list[str]]:
     """The model at its threshold on NEW's labelled patches against its own test figures.
 
     Recall (of the clouds) and the false-positive rate (of the clear patches) are compared, not precision: both are
-    rates within one class, so they do not move with the cloud share, while precision does. A snapshot at the real
-    prevalence (a few % cloud) would show a far lower precision than the balanced test set for the same model.
+    rates within one class, so they do not move with the cloud share, while precision does (a snapshot at the real
+    prevalence shows a far lower precision than the balanced test set for the same model). A rate has decayed when it
+    is worse by more than its tolerance and Fisher's exact test says so at `decay_alpha`: a test set of a few patches
+    proves nothing either way.
     """
     import mlflow
 
     labels = labelled[LABEL_COLUMN].astype(int).to_numpy()
     now = binary_metrics(labels, labelled[SCORE_COLUMN].to_numpy(), version.threshold)
-    now["false_positive_rate"] = _false_positive_rate(now["fp"], now["tn"])
+    now["false_positive_rate"] = _rate(now["fp"], now["tn"])
     recorded = mlflow.MlflowClient().get_run(version.run_id).data.metrics
+    counts = {k: recorded.get(metric_name("test", k, "op")) for k in ("tp", "fn", "fp", "tn")}
     test = {
-        "recall": recorded.get(metric_name("test", "recall", "op")),
-        "false_positive_rate": _false_positive_rate(
-            recorded.get(metric_name("test", "fp", "op")), recorded.get(metric_name("test", "tn", "op"))
-        ),
+        "recall": _rate(counts["tp"], counts["fn"]),
+        "false_positive_rate": _rate(counts["fp"], counts["tn"]),
+        **counts,
     }
     clouds, clear = int(labels.sum()), int(len(labels) - labels.sum())
-    figures = {"patches": len(labels), "clouds": clouds, "now": now, "test": test}
+    figures: dict[str, Any] = {"patches": len(labels), "clouds": clouds, "now": now, "test": test}
     reasons: list[str] = []
     figures["checked"] = bool(clouds >= params.min_labelled_clouds)
     if not figures["checked"]:
         return figures, reasons
     where = f"at threshold {version.threshold:.4f}"
-    if test["recall"] is not None and now["recall"] < test["recall"] - params.recall_tolerance:
-        reasons.append(
-            f"recall {where}: {now['recall']:.3f} on {clouds} labelled clouds, below the model's test recall "
-            f"{test['recall']:.3f} by more than {params.recall_tolerance:g}"
-        )
-    if np.isfinite(test["false_positive_rate"]) and (
-        now["false_positive_rate"] > test["false_positive_rate"] + params.false_positive_tolerance
+    if np.isfinite(test["recall"]) and now["recall"] < test["recall"] - params.recall_tolerance:
+        p = _worse((now["tp"], now["fn"]), (counts["tp"], counts["fn"]), "less")
+        figures["recall_p_value"] = p
+        if p < params.decay_alpha:
+            reasons.append(
+                f"recall {where}: {now['recall']:.3f} on {clouds} labelled clouds, below the model's test recall "
+                f"{test['recall']:.3f} by more than {params.recall_tolerance:g} (Fisher p = {p:.2g})"
+            )
+    tolerance = params.false_positive_tolerance
+    if (
+        np.isfinite(test["false_positive_rate"])
+        and now["false_positive_rate"] > test["false_positive_rate"] + tolerance
     ):
-        reasons.append(
-            f"false-positive rate {where}: {now['false_positive_rate']:.3f} on {clear} labelled clear patches, above "
-            f"the model's test false-positive rate {test['false_positive_rate']:.3f} by more than "
-            f"{params.false_positive_tolerance:g}"
-        )
+        p = _worse((now["fp"], now["tn"]), (counts["fp"], counts["tn"]), "greater")
+        figures["false_positive_p_value"] = p
+        if p < params.decay_alpha:
+            reasons.append(
+                f"false-positive rate {where}: {now['false_positive_rate']:.3f} on {clear} labelled clear patches, "
+                f"above the model's test false-positive rate {test['false_positive_rate']:.3f} by more than "
+                f"{tolerance:g} (Fisher p = {p:.2g})"
+            )
     return figures, reasons
 
 

@@ -293,6 +293,12 @@ def check_training_form(*, force_promote: bool, reason: str | None) -> None:
         raise ConfigError("a reason is only for a forced promotion: tick force_promote, or leave the reason empty")
 
 
+def event_extras(triggering: Mapping[Any, Iterable[Any]] | None) -> list[dict[str, Any]]:
+    """The `extra` of every Asset event that triggered a DAG run (Airflow's `triggering_asset_events`: asset → its
+    events), in one list: what the refresh, the gate and the monitoring put there."""
+    return [dict(event.extra or {}) for events in (triggering or {}).values() for event in events]
+
+
 def training_trigger(*, run_type: str, events: Iterable[Mapping[str, Any]] = ()) -> tuple[str, str]:
     """Why a training run trains, for its MLflow run: (kind, in words). A drift event carries the monitoring's
     decision and reasons; a refresh event its snapshot."""
