@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=400, help="synthesized patches per mirror (region needs <= ~450)")
     p.add_argument("--cost-patches", type=int, default=20_000, help="patches of the cost snapshot")
     p.add_argument("--skip-cost", action="store_true", help="skip (e)")
+    p.add_argument("--report-only", action="store_true", help="print (a)-(d) from results.jsonl, build nothing")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for noisy in ("distributed", "evidently", "mlflow", "alembic"):
@@ -172,6 +173,9 @@ def main() -> None:
     params = load_section("monitor", MonitorParams, PARAMS, [f"monitor.sample_patches={args.patches}"])
     results = BUILT / "results.jsonl"
     rows: list[dict[str, Any]] = []
+    if args.report_only:
+        report(*_grouped(results), params, store, print)
+        return
 
     def say(text: str) -> None:
         print(text, flush=True)
@@ -222,76 +226,103 @@ def main() -> None:
                         measure("sweep", kind, magnitude, seed) for seed in range(1, args.seeds_sweep + 1)
                     ]
 
-        n_t, c_t = params.numerical.threshold, params.categorical.threshold
-        say("")
-        say(f"(a) false alarms: {len(null)} unshifted seeds against the reference")
-        say(f"  share decided drift   {_share(null, n_t, c_t):6.0%}   target <= 10 %")
-        say(f"  columns that raised them: {_top(null)}")
-        largest = {c: max(r["values"][c] for r in null) for c in null[0]["values"]} if null else {}
-        worst = sorted(largest.items(), key=lambda kv: kv[1] / (n_t if null[0]["kinds"][kv[0]] == "numerical" else c_t))
-        say("  largest distance on unshifted seeds: " + ", ".join(f"{c} {v:.3f}" for c, v in reversed(worst[-6:])))
-
-        say("")
-        say(f"(b) detection at the default magnitude, {args.seeds_shift} seeds each")
-        say(f"  {'kind':15s} {'magnitude':>10s} {'flagged':>8s} {'reasons name it':>16s}  most often flagged")
-        for kind, kind_rows in shifted.items():
-            named = sum(any(expected(kind, c) for c in r["drifted"]) for r in kind_rows)
-            say(
-                f"  {kind:15s} {SHIFT_DEFAULTS[Shift(kind)]:>10s} "
-                f"{sum(r['decision'] == 'drift' for r in kind_rows):>4d}/{len(kind_rows):<3d} "
-                f"{named:>12d}/{len(kind_rows):<3d}  {_top(kind_rows)}"
-            )
-        say("  target: every seed flagged, with the affected columns named")
-
-        say("")
-        say(f"(c) detection rate against magnitude ({args.seeds_sweep} seeds per magnitude)")
-        curve: dict[str, list[tuple[float, float]]] = {}
-        for kind, by_magnitude in sweep_rows.items():
-            cells = []
-            curve[kind] = []
-            for magnitude, mrows in by_magnitude.items():
-                rate = sum(r["decision"] == "drift" for r in mrows) / len(mrows)
-                named = sum(any(expected(kind, c) for c in r["drifted"]) for r in mrows)
-                top = max(
-                    (max((v for c, v in r["values"].items() if expected(kind, c)), default=0.0) for r in mrows),
-                    default=0.0,
-                )
-                cells.append(f"{magnitude}: {rate:.0%} (named {named}/{len(mrows)}, max {top:.2f})")
-                curve[kind].append((float(magnitude), rate))
-            say(f"  {kind:15s} " + " | ".join(cells))
-
-        say("")
-        say("(d) the same snapshots at other thresholds: false-alarm share / seeds of every default shift flagged")
-        say(f"  {'numerical':>9s} {'categorical':>11s} {'false alarms':>13s}  detection by kind")
-        for num in NUMERICAL_GRID:
-            for cat in CATEGORICAL_GRID:
-                detection = " ".join(
-                    f"{k}:{sum(bool(flagged(r, num, cat)) for r in rs)}/{len(rs)}" for k, rs in shifted.items()
-                )
-                mark = "  <- params.yaml" if (num, cat) == (n_t, c_t) else ""
-                say(f"  {num:9.2f} {cat:11.2f} {_share(null, num, cat):13.0%}  {detection}{mark}")
-
-        import mlflow
-
-        from tasks.lib import plots
-
-        fig = detection_figure(curve)
-        plots.save(fig, BUILT / "detection.png")
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-        experiment = mlflow.MlflowClient().create_experiment("cloudscreen-bench-monitor")
-        with mlflow.start_run(experiment_id=experiment, run_name="bench.monitor") as run:
-            mlflow.log_figure(fig, "detection_rate.png")
-            mlflow.log_metric("false_alarm_share", _share(null, n_t, c_t))
-            for kind, points in curve.items():
-                for magnitude, rate in points:
-                    mlflow.log_metric(f"detection_{kind}_{magnitude:g}", rate)
-        say(f"  plot: {BUILT / 'detection.png'}; MLflow run {run.info.run_id} in {store}/mlflow.db")
+        report(null, shifted, sweep_rows, params, store, say)
 
         if not args.skip_cost:
             say("")
             say(f"(e) cost at {args.cost_patches} patches")
             cost(args.cost_patches, address, say)
     print(f"results: {results}", flush=True)
+
+
+def _grouped(results: Path) -> tuple[list, dict, dict]:
+    """results.jsonl's rows as (null, shifted by kind, sweep by kind and magnitude), the defaults in the sweeps."""
+    from tasks.mirror import SHIFT_DEFAULTS, Shift
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    null = [r for r in rows if r["part"] == "null"]
+    shifted = {k: [r for r in rows if r["part"] == "shift" and r["kind"] == k] for k in KINDS}
+    shifted = {k: v for k, v in shifted.items() if v}
+    sweep_rows: dict[str, dict[str, list]] = {}
+    for kind, magnitudes in SWEEPS.items():
+        for magnitude in magnitudes:
+            part = "shift" if magnitude == SHIFT_DEFAULTS[Shift(kind)] else "sweep"
+            found = [r for r in rows if r["part"] == part and r["kind"] == kind and r["magnitude"] == magnitude]
+            if found:
+                sweep_rows.setdefault(kind, {})[magnitude] = found
+    return null, shifted, sweep_rows
+
+
+def report(null: list, shifted: dict, sweep_rows: dict, params: Any, store: Path, say: Any) -> None:
+    """Print (a)-(d) and log the detection plot to the MLflow store."""
+    from tasks.mirror import SHIFT_DEFAULTS, Shift
+
+    seeds_shift = max((len(r) for r in shifted.values()), default=0)
+    seeds_sweep = max((len(r) for m in sweep_rows.values() for r in m.values()), default=0)
+    n_t, c_t = params.numerical.threshold, params.categorical.threshold
+    say("")
+    say(f"(a) false alarms: {len(null)} unshifted seeds against the reference")
+    say(f"  share decided drift   {_share(null, n_t, c_t):6.0%}   target <= 10 %")
+    say(f"  columns that raised them: {_top(null)}")
+    largest = {c: max(r["values"][c] for r in null) for c in null[0]["values"]} if null else {}
+    worst = sorted(largest.items(), key=lambda kv: kv[1] / (n_t if null[0]["kinds"][kv[0]] == "numerical" else c_t))
+    say("  largest distance on unshifted seeds: " + ", ".join(f"{c} {v:.3f}" for c, v in reversed(worst[-6:])))
+
+    say("")
+    say(f"(b) detection at the default magnitude, {seeds_shift} seeds each")
+    say(f"  {'kind':15s} {'magnitude':>10s} {'flagged':>8s} {'reasons name it':>16s}  most often flagged")
+    for kind, kind_rows in shifted.items():
+        named = sum(any(expected(kind, c) for c in r["drifted"]) for r in kind_rows)
+        say(
+            f"  {kind:15s} {SHIFT_DEFAULTS[Shift(kind)]:>10s} "
+            f"{sum(r['decision'] == 'drift' for r in kind_rows):>4d}/{len(kind_rows):<3d} "
+            f"{named:>12d}/{len(kind_rows):<3d}  {_top(kind_rows)}"
+        )
+    say("  target: every seed flagged, with the affected columns named")
+
+    say("")
+    say(f"(c) detection rate against magnitude ({seeds_sweep} seeds per magnitude, at most)")
+    curve: dict[str, list[tuple[float, float]]] = {}
+    for kind, by_magnitude in sweep_rows.items():
+        cells = []
+        curve[kind] = []
+        for magnitude, mrows in by_magnitude.items():
+            rate = sum(r["decision"] == "drift" for r in mrows) / len(mrows)
+            named = sum(any(expected(kind, c) for c in r["drifted"]) for r in mrows)
+            top = max(
+                (max((v for c, v in r["values"].items() if expected(kind, c)), default=0.0) for r in mrows),
+                default=0.0,
+            )
+            cells.append(f"{magnitude}: {rate:.0%} (named {named}/{len(mrows)}, max {top:.2f})")
+            curve[kind].append((float(magnitude), rate))
+        say(f"  {kind:15s} " + " | ".join(cells))
+
+    say("")
+    say("(d) the same snapshots at other thresholds: false-alarm share / seeds of every default shift flagged")
+    say(f"  {'numerical':>9s} {'categorical':>11s} {'false alarms':>13s}  detection by kind")
+    for num in NUMERICAL_GRID:
+        for cat in CATEGORICAL_GRID:
+            detection = " ".join(
+                f"{k}:{sum(bool(flagged(r, num, cat)) for r in rs)}/{len(rs)}" for k, rs in shifted.items()
+            )
+            mark = "  <- params.yaml" if (num, cat) == (n_t, c_t) else ""
+            say(f"  {num:9.2f} {cat:11.2f} {_share(null, num, cat):13.0%}  {detection}{mark}")
+
+    import mlflow
+
+    from tasks.lib import plots
+
+    fig = detection_figure(curve)
+    plots.save(fig, BUILT / "detection.png")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.MlflowClient().create_experiment("cloudscreen-bench-monitor")
+    with mlflow.start_run(experiment_id=experiment, run_name="bench.monitor") as run:
+        mlflow.log_figure(fig, "detection_rate.png")
+        mlflow.log_metric("false_alarm_share", _share(null, n_t, c_t))
+        for kind, points in curve.items():
+            for magnitude, rate in points:
+                mlflow.log_metric(f"detection_{kind}_{magnitude:g}", rate)
+    say(f"  plot: {BUILT / 'detection.png'}; MLflow run {run.info.run_id} in {store}/mlflow.db")
 
 
 def cost(patches: int, address: str, say: Any) -> None:
