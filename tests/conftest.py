@@ -119,3 +119,8 @@ def _reset_mlflow() -> None:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.tracking.fluent._active_experiment_id = None
+    # A test that called mlflow.set_tracking_uri would otherwise point every later test (and what it logs for the
+    # servers it starts) at its store: the URI set in code wins over MLFLOW_TRACKING_URI.
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._tracking_uri = None
