@@ -1,7 +1,7 @@
 """Drift-monitoring benchmark (issue 14): false alarms, detection against magnitude, and cost; one run.
 
     python -m bench.monitor [--seeds-null 10] [--seeds-shift 5] [--seeds-sweep 3] [--patches 400]
-                            [--cost-patches 20000] [--skip-cost]
+                            [--cost-patches 20000] [--skip-cost | --cost-only]
 
 Every snapshot is a real mirror (tasks.mirror, `mirror.shifts`), extracted and tiled by tasks.tile on one running
 Dask cluster, and monitored by tasks.monitor.monitor against one reference (an unshifted mirror of seed 0) with
@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=400, help="synthesized patches per mirror (region needs <= ~450)")
     p.add_argument("--cost-patches", type=int, default=20_000, help="patches of the cost snapshot")
     p.add_argument("--skip-cost", action="store_true", help="skip (e)")
+    p.add_argument("--cost-only", action="store_true", help="only (e)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="shift kinds of (b) and (c)")
     p.add_argument("--report-only", action="store_true", help="print (a)-(d) from results.jsonl, build nothing")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -174,7 +176,7 @@ def main() -> None:
     results = BUILT / "results.jsonl"
     rows: list[dict[str, Any]] = []
     if args.report_only:
-        report(*_grouped(results), params, store, print)
+        report(*_grouped(results, args.patches, args.kinds), params, store, print)
         return
 
     def say(text: str) -> None:
@@ -189,6 +191,10 @@ def main() -> None:
     workers = load_section("tile", TileParams, PARAMS).workers
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         address = cluster.scheduler_address
+        if args.cost_only:
+            say(f"(e) cost at {args.cost_patches} patches")
+            cost(args.cost_patches, address, say)
+            return
         started = time.perf_counter()
         reference, _ = build_tiles(args.patches, REFERENCE_SEED, None, address)
         say(f"  reference ready ({time.perf_counter() - started:.0f} s)")
@@ -199,7 +205,10 @@ def main() -> None:
             tiles, _ = build_tiles(args.patches, seed, shift, address)
             built = time.perf_counter() - t0
             verdict, seconds = run_monitor(tiles, reference, params, store / "out" / f"{part}-{tiles.name}")
-            row = record(verdict, part=part, kind=kind, magnitude=magnitude, seed=seed, monitor_seconds=seconds)
+            row = record(
+                verdict, part=part, kind=kind, magnitude=magnitude, seed=seed, patches=args.patches,
+                monitor_seconds=seconds,
+            )  # fmt: skip
             rows.append(row)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -213,10 +222,10 @@ def main() -> None:
         null = [measure("null", "none", "-", seed) for seed in range(1, args.seeds_null + 1)]
         shifted = {
             kind: [measure("shift", kind, SHIFT_DEFAULTS[Shift(kind)], seed) for seed in range(1, args.seeds_shift + 1)]
-            for kind in KINDS
+            for kind in args.kinds
         }
         sweep_rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        for kind, magnitudes in SWEEPS.items():
+        for kind, magnitudes in ((k, m) for k, m in SWEEPS.items() if k in args.kinds and args.seeds_sweep):
             sweep_rows[kind] = {}
             for magnitude in magnitudes:
                 if magnitude == SHIFT_DEFAULTS[Shift(kind)]:
@@ -235,16 +244,18 @@ def main() -> None:
     print(f"results: {results}", flush=True)
 
 
-def _grouped(results: Path) -> tuple[list, dict, dict]:
-    """results.jsonl's rows as (null, shifted by kind, sweep by kind and magnitude), the defaults in the sweeps."""
+def _grouped(results: Path, patches: int, kinds: list[str]) -> tuple[list, dict, dict]:
+    """results.jsonl's rows of mirrors of `patches` patches as (null, shifted by kind, sweep by kind and magnitude),
+    the defaults in the sweeps."""
     from tasks.mirror import SHIFT_DEFAULTS, Shift
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("patches", 400) == patches]  # the first rows were all of 400
     null = [r for r in rows if r["part"] == "null"]
-    shifted = {k: [r for r in rows if r["part"] == "shift" and r["kind"] == k] for k in KINDS}
+    shifted = {k: [r for r in rows if r["part"] == "shift" and r["kind"] == k] for k in kinds}
     shifted = {k: v for k, v in shifted.items() if v}
     sweep_rows: dict[str, dict[str, list]] = {}
-    for kind, magnitudes in SWEEPS.items():
+    for kind, magnitudes in ((k, m) for k, m in SWEEPS.items() if k in kinds):
         for magnitude in magnitudes:
             part = "shift" if magnitude == SHIFT_DEFAULTS[Shift(kind)] else "sweep"
             found = [r for r in rows if r["part"] == part and r["kind"] == kind and r["magnitude"] == magnitude]
@@ -312,12 +323,14 @@ def report(null: list, shifted: dict, sweep_rows: dict, params: Any, store: Path
 
     from tasks.lib import plots
 
-    fig = detection_figure(curve)
-    plots.save(fig, BUILT / "detection.png")
+    fig = detection_figure(curve) if curve else None  # no sweep measured: no curve to draw
+    if fig is not None:
+        plots.save(fig, BUILT / "detection.png")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     experiment = mlflow.MlflowClient().create_experiment("cloudscreen-bench-monitor")
     with mlflow.start_run(experiment_id=experiment, run_name="bench.monitor") as run:
-        mlflow.log_figure(fig, "detection_rate.png")
+        if fig is not None:
+            mlflow.log_figure(fig, "detection_rate.png")
         mlflow.log_metric("false_alarm_share", _share(null, n_t, c_t))
         for kind, points in curve.items():
             for magnitude, rate in points:
@@ -352,15 +365,21 @@ def cost(patches: int, address: str, say: Any) -> None:
     started = time.perf_counter()
     tile(patches=root, out=warm_out, params=tile_params)  # on the running cluster, as the pipeline tiles
     warm = time.perf_counter() - started
-    times = []
+    times, rendered = [], []
+    always = params.model_copy(update={"report": "always"})
     for i in range(2):  # against the same patches tiled again: a reference as large as the sample, as in production
         _, seconds = run_monitor(cold_out, warm_out, params, BUILT / "cost" / f"monitor-{i}-{time.time_ns()}")
         times.append(seconds)
-    mon = min(times)
+        _, seconds = run_monitor(cold_out, warm_out, always, BUILT / "cost" / f"report-{i}-{time.time_ns()}")
+        rendered.append(seconds)
+    mon, with_report = min(times), min(rendered)
     say(f"  tasks.tile, own cluster (the step's command line)   {cold:7.1f} s  ({n / cold:.0f} patches/s)")
     say(f"  tasks.tile, on a running cluster                      {warm:7.1f} s  ({n / warm:.0f} patches/s)")
-    say(f"  tasks.monitor, sample {params.sample_patches}, no model (best of 2: {', '.join(f'{t:.1f}' for t in times)})"
-        f"  {mon:7.1f} s")  # fmt: skip
+    say(f"  tasks.monitor, sample {params.sample_patches}, no model, verdict ok (best of 2: "
+        f"{', '.join(f'{t:.1f}' for t in times)})  {mon:7.1f} s")  # fmt: skip
+    say(f"  the same with Evidently's HTML report (as on drift or decay; best of 2: "
+        f"{', '.join(f'{t:.1f}' for t in rendered)})  {with_report:7.1f} s")  # fmt: skip
+    say(f"  monitor with report / tile (own cluster)  {with_report / cold:6.2f}")
     say(f"  monitor / tile (own cluster)      {mon / cold:6.2f}   target <= 0.1")
     say(f"  monitor / tile (running cluster)  {mon / warm:6.2f}")
 

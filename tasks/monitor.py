@@ -9,9 +9,9 @@ read from its lineage tag and restored from the DVC remote) and writes `DIR/moni
 - `drift`: a column drifted (tasks.lib.drift, Evidently): a band feature of the patches (input drift), the model's
   score (prediction drift) or a context column (season, country, the labelled cloud prevalence);
 - `ok`: neither.
-Each reason names the column, the statistic, its value and the threshold. Beside it: Evidently's HTML report
-(`report.html`), the features of both samples (`features.parquet`) and the most drifted columns plotted, reference
-against new (`drift.png`). Each monitoring is an MLflow run in the `monitor` section's experiment.
+Each reason names the column, the statistic, its value and the threshold. Beside it: the features of both samples
+(`features.parquet`), the most drifted columns plotted, reference against new (`drift.png`), and on a drift or decay
+verdict Evidently's HTML report (`report.html`; `monitor.report: always` writes it every time). Each monitoring is an MLflow run in the `monitor` section's experiment.
 
 Input features come from a seeded sample of each snapshot (`sample_patches`), read a chunk at a time, so the cost
 does not grow with the snapshot. Scores: NEW's from --scores (tasks.screen's scores.parquet: every patch, so decay
@@ -37,8 +37,8 @@ from tasks.lib.errors import InputError, MonitoringError
 from tasks.lib.files import atomic_dir, jsonable, path_digest, write_json
 from tasks.lib.metrics import binary_metrics, metric_name
 from tasks.lib.outputs import completed, fingerprint
-from tasks.lib.scoring import DEFAULT_MODEL, ModelVersion, load_scorer, resolve_version
-from tasks.lib.tiles import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, RGB_CHANNELS, PatchReader
+from tasks.lib.scoring import DEFAULT_MODEL, ModelVersion, Scorer, load_scorer, resolve_version
+from tasks.lib.tiles import INDEX_FILE, METADATA_FILE, RGB_CHANNELS, PatchReader, channels
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class MonitorParams(StepParams):
     decay_alpha: float = Field(gt=0, lt=1)
     min_labelled_clouds: int = Field(ge=1)
     plots: int = Field(ge=1)
+    report: Literal["on_alarm", "always"] = "on_alarm"
     experiment: str = Field(min_length=1)
 
 
@@ -86,9 +87,9 @@ class MonitorResult:
 
 def _channels(tiles: Path) -> list[str]:
     try:
-        return list(json.loads((tiles / MANIFEST_FILE).read_text())["channels"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise MonitoringError(f"{tiles / MANIFEST_FILE}: unreadable tiles manifest ({exc})") from exc
+        return channels(tiles)
+    except InputError as exc:
+        raise MonitoringError(str(exc)) from exc
 
 
 def _sample(tiles: Path, params: MonitorParams) -> pd.DataFrame:
@@ -123,10 +124,10 @@ def _features(tiles: Path, sample: pd.DataFrame, params: MonitorParams) -> pd.Da
     return pd.concat(parts, ignore_index=True)
 
 
-def _model_scores(tiles: Path, sample: pd.DataFrame, version: ModelVersion) -> np.ndarray:
-    channels = _channels(tiles)
-    rgb = [channels.index(band) for band in RGB_CHANNELS]
-    scorer, reader = load_scorer(version), PatchReader(tiles)
+def _model_scores(tiles: Path, sample: pd.DataFrame, scorer: Scorer) -> np.ndarray:
+    held = _channels(tiles)
+    rgb = [held.index(band) for band in RGB_CHANNELS]
+    reader = PatchReader(tiles)
     parts = [
         scorer(np.ascontiguousarray(reader.frame_patches(sample.iloc[i : i + _CHUNK])[..., rgb]))
         for i in range(0, len(sample), _CHUNK)
@@ -142,9 +143,10 @@ def _read_scores(path: Path) -> pd.DataFrame:
 
 
 def _frame(
-    tiles: Path, params: MonitorParams, version: ModelVersion | None, scores: Path | None
+    tiles: Path, params: MonitorParams, scorer: Scorer | None, scores: Path | None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """(the sample's features, context and score; every patch's score and label when --scores gave them)."""
+    """(the sample's features, context and score; every patch's score and label when --scores gave them). Without
+    scores, `scorer` scores the sample."""
     sample = _sample(tiles, params)
     frame = pd.concat(
         [sample[["patch_id", LABEL_COLUMN, *params.context_columns]], _features(tiles, sample, params)], axis=1
@@ -157,8 +159,8 @@ def _frame(
             raise MonitoringError(f"{scores}: has no score for some patches of {tiles}; is it this snapshot's?")
         labels = pd.read_parquet(tiles / METADATA_FILE, columns=["patch_id", LABEL_COLUMN])
         everything = everything.merge(labels, on="patch_id", how="inner")
-    elif version is not None:
-        frame[SCORE_COLUMN] = _model_scores(tiles, sample, version)
+    elif scorer is not None:
+        frame[SCORE_COLUMN] = _model_scores(tiles, sample, scorer)
     return frame, everything
 
 
@@ -276,11 +278,14 @@ def monitor(
     key = fingerprint(
         *digests, version.uri if version else "", repr(version and version.threshold), params.model_dump_json()
     )
-    if done := completed(out / MONITOR_FILE, key, requires=[out / REPORT_FILE], what="monitoring"):
+    done = completed(out / MONITOR_FILE, key, requires=[out / PLOT_FILE], what="monitoring")
+    if done and (not done.get("report") or (out / done["report"]).is_file()):
         return MonitorResult(out, done, skipped=True)
 
-    new_frame, labelled = _frame(tiles, params, version, scores)
-    ref_frame, _ = _frame(reference, params, version, reference_scores)
+    # One scorer for both sides, loaded only when a side has no screening scores.
+    scorer = load_scorer(version) if version is not None and not (scores and reference_scores) else None
+    new_frame, labelled = _frame(tiles, params, scorer, scores)
+    ref_frame, _ = _frame(reference, params, scorer, reference_scores)
     features = [c for c in new_frame.columns if c.endswith(tuple(f"_{s}" for s in drift.FEATURE_STATS))]
     numerical = features + ([SCORE_COLUMN] if SCORE_COLUMN in new_frame and SCORE_COLUMN in ref_frame else [])
     categorical = [*params.context_columns, LABEL_COLUMN]
@@ -294,9 +299,7 @@ def monitor(
         SCORE_COLUMN: (params.score.method, params.score.threshold),
     }
     with atomic_dir(out) as tmp:
-        columns = drift.column_drift(
-            ref_frame, new_frame, numerical=numerical, categorical=categorical, methods=rules, html=tmp / REPORT_FILE
-        )
+        columns = drift.column_drift(ref_frame, new_frame, numerical=numerical, categorical=categorical, methods=rules)
         drifted = sorted((c for c in columns if c.drifted), key=lambda c: _severity(c), reverse=True)
         drift_reasons = [c.reason(ref_frame[c.column], new_frame[c.column]) for c in drifted]
         decay: dict[str, Any] | None = None
@@ -304,6 +307,9 @@ def monitor(
         if version is not None and labelled is not None:
             decay, decay_reasons = _decay(labelled, version, params)
         decision = DECAY if decay_reasons else DRIFT if drifted else OK
+        report = REPORT_FILE if decision != OK or params.report == "always" else None
+        if report:
+            _html_report(ref_frame, new_frame, columns, tmp / report)
         context = {
             name: {
                 "reference": _shares(ref_frame, name),
@@ -319,6 +325,7 @@ def monitor(
             "drift_share": len(drifted) / len(columns) if columns else 0.0,
             "decay": decay,
             "context": context,
+            "report": report,
             "tiles": str(tiles),
             "reference": str(reference),
             "model": version.to_json() if version else None,
@@ -359,12 +366,23 @@ def monitor(
                 }
             mlflow.log_metrics(metrics)
             write_json(tmp / MONITOR_FILE, jsonable(verdict))
-            for name in (MONITOR_FILE, REPORT_FILE, PLOT_FILE):
-                mlflow.log_artifact(str(tmp / name))
+            for name in (MONITOR_FILE, report, PLOT_FILE):
+                if name:
+                    mlflow.log_artifact(str(tmp / name))
     log.info(
         "monitoring %s against %s: %s%s", tiles, reference, decision, "".join(f"\n  {r}" for r in verdict["reasons"])
     )
     return MonitorResult(out, jsonable(verdict), skipped=False)
+
+
+def _html_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[drift.ColumnDrift], path: Path) -> None:
+    """Evidently's report; it computes every value again, which must be the verdict's (same tests, same data)."""
+    values = drift.html_report(reference, current, columns, path)
+    for column in columns:
+        if not np.isclose(values.get(column.column, np.nan), column.value, rtol=1e-9, equal_nan=True):
+            log.warning(
+                "%s: the report says %s, the verdict %s", column.column, values.get(column.column), column.value
+            )
 
 
 def _severity(column: drift.ColumnDrift) -> float:

@@ -1,5 +1,6 @@
 """Has a snapshot moved away from a reference? Per-patch band features and column-by-column drift tests, run by
-Evidently (its `Report` of per-column `ValueDrift` metrics), with its HTML report as the artifact people open.
+Evidently (the statistical tests behind its per-column `ValueDrift` metric), with its HTML `Report` as the artifact
+people open.
 
 Features are tabular, as Evidently wants them: for each patch of a seeded sample, each band's mean, standard
 deviation and 5th and 95th percentiles (`FEATURE_STATS`); plus the context columns (season, country, the official
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from tasks.lib.errors import MonitoringError
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +98,61 @@ def column_drift(
     numerical: list[str],
     categorical: list[str],
     methods: dict[str, tuple[str, float]],
-    html: Path | None = None,
 ) -> list[ColumnDrift]:
-    """Evidently's per-column drift of `current` against `reference`, each column by the method and threshold
-    `methods` gives its kind ("numerical", "categorical") or its own name; its HTML report to `html`."""
+    """Each column's drift of `current` against `reference` by Evidently's statistical test, the method and threshold
+    `methods` gives its kind ("numerical", "categorical") or its own name.
+
+    These are the functions Evidently's `ValueDrift` metric calls, on the same cleaned columns, so the values equal
+    the report's; called directly they skip the plotly figures a report renders for every column while it computes
+    (most of its time), which only `html_report` needs.
+    """
+    _evidently()
+    from evidently.legacy.calculations.stattests import get_stattest
+    from evidently.legacy.core import ColumnType
+
+    results = []
+    for column, kind, column_type in [
+        *((c, "numerical", ColumnType.Numerical) for c in numerical),
+        *((c, "categorical", ColumnType.Categorical) for c in categorical),
+    ]:
+        method, threshold = methods.get(column, methods[kind])
+        ref, cur = (_finite(frame[column]) for frame in (reference, current))
+        if ref.empty or cur.empty:
+            side = "reference" if ref.empty else "new snapshot"
+            raise MonitoringError(f"column {column!r} has no finite value in the {side}'s sample")
+        test = get_stattest(ref, cur, column_type, method)
+        value = float(test(ref, cur, column_type, threshold).drift_score)
+        drifted = value >= threshold if method in DISTANCE_METHODS else value < threshold
+        results.append(ColumnDrift(column, kind, method, value, threshold, bool(drifted)))
+    return results
+
+
+def _finite(values: pd.Series) -> pd.Series:
+    """The values a drift test sees: infinities and NaN dropped, as Evidently's own column drift does."""
+    return values.replace([-np.inf, np.inf], np.nan).dropna()
+
+
+def html_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    columns: list[ColumnDrift],
+    path: Path,
+) -> dict[str, float]:
+    """Evidently's HTML report of per-column `ValueDrift` (figures of both distributions per column) for `columns`,
+    each with its method and threshold, saved to `path`; returns the report's own value per column."""
     _evidently()
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
-    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
-    kinds = {c: "numerical" for c in numerical} | {c: "categorical" for c in categorical}
-    chosen = {c: methods.get(c, methods[kind]) for c, kind in kinds.items()}
-    report = Report([ValueDrift(column=c, method=m, threshold=t) for c, (m, t) in chosen.items()])
-    columns = list(kinds)
-    snapshot = report.run(
-        Dataset.from_pandas(current[columns], data_definition=definition),
-        Dataset.from_pandas(reference[columns], data_definition=definition),
+    names = [c.column for c in columns]
+    definition = DataDefinition(
+        numerical_columns=[c.column for c in columns if c.kind == "numerical"],
+        categorical_columns=[c.column for c in columns if c.kind == "categorical"],
     )
-    if html is not None:
-        snapshot.save_html(str(html))
-    values = {}
-    for metric in snapshot.dict()["metrics"]:
-        config = metric["config"]
-        values[config["column"]] = float(metric["value"])
-    results = []
-    for column, (method, threshold) in chosen.items():
-        value = values[column]
-        drifted = value >= threshold if method in DISTANCE_METHODS else value < threshold
-        results.append(ColumnDrift(column, kinds[column], method, value, threshold, bool(drifted)))
-    return results
+    report = Report([ValueDrift(column=c.column, method=c.method, threshold=c.threshold) for c in columns])
+    snapshot = report.run(
+        Dataset.from_pandas(current[names], data_definition=definition),
+        Dataset.from_pandas(reference[names], data_definition=definition),
+    )
+    snapshot.save_html(str(path))
+    return {metric["config"]["column"]: float(metric["value"]) for metric in snapshot.dict()["metrics"]}

@@ -17,6 +17,7 @@ served, takes the patch shape from here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def patch_bytes(channels: int) -> int:
 def create_shard(path: Path | str, patches: int, channels: int) -> np.memmap:
     """A new shard file for `patches` patches of `channels` channels, memory-mapped for writing."""
     return np.lib.format.open_memmap(path, mode="w+", dtype=DTYPE, shape=(patches, PATCH_PX, PATCH_PX, channels))
+
+
+def channels(root: Path) -> list[str]:
+    """The bands the shards of `root` hold, in their order (tiles.json's `channels`).
+
+    Raises:
+        InputError: tiles.json is missing or names no channels.
+    """
+    try:
+        return list(json.loads((root / MANIFEST_FILE).read_text())["channels"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{root / MANIFEST_FILE}: unreadable tiles manifest ({exc})") from exc
 
 
 class PatchReader:

@@ -81,15 +81,22 @@ def test_a_snapshot_like_the_reference_is_ok(training_data, other_snapshot, para
     assert verdict["decision"] == OK, verdict["reasons"]
     assert verdict["drifted"] == [] and verdict["patches"] == {"new": 240, "reference": 240}
     assert {"B04_mean", "B02_p95", "season", "country", "cloud"} <= {c["column"] for c in verdict["columns"]}
-    assert (result.out / REPORT_FILE).read_text().lstrip().lower().startswith("<!doctype html")
+    # An ok verdict has no Evidently report unless asked for (monitor.report), which is most of its cost.
+    assert verdict["report"] is None and not (result.out / REPORT_FILE).exists()
     assert (result.out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = monitor(tiles=other_snapshot, reference=training_data.tiles, out=tmp_path / "m", params=params, model=None)
+    assert again.skipped
+    always = params.model_copy(update={"report": "always"})
+    asked = monitor(tiles=other_snapshot, reference=training_data.tiles, out=tmp_path / "a", params=always, model=None)
+    assert asked.verdict["report"] == REPORT_FILE and asked.verdict["decision"] == OK
+    assert (asked.out / REPORT_FILE).read_text().lstrip().lower().startswith("<!doctype html")
 
 
 def test_the_baseline_04_offset_is_drift_naming_every_band(training_data, offset_snapshot, params, tmp_path):
     verdict = monitor(
         tiles=offset_snapshot, reference=training_data.tiles, out=tmp_path / "m", params=params, model=None
     ).verdict
-    assert verdict["decision"] == DRIFT
+    assert verdict["decision"] == DRIFT and verdict["report"] == REPORT_FILE
     for band in ("B04", "B03", "B02"):
         assert f"{band}_mean" in verdict["drifted"]
         assert any(
