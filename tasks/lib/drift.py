@@ -31,20 +31,40 @@ METHODS = DISTANCE_METHODS + P_VALUE_METHODS
 
 def band_features(patches: np.ndarray, bands: tuple[str, ...] | list[str], stride: int = 1) -> pd.DataFrame:
     """One row per patch: `<band>_<stat>` for every band and FEATURE_STATS (percentiles on every `stride`-th pixel
-    in each direction: a subsample that keeps the distribution, at a fraction of the sort)."""
+    in each direction: a subsample that keeps the distribution, at a fraction of the sort).
+
+    Each band's pixels are made contiguous first (band-last patches put a band's pixels 3 values apart, which made
+    numpy's reductions over them ten times slower), and the percentiles are order statistics picked by a partial
+    partition of the raw integers, interpolated linearly as numpy's default percentile does."""
     n = len(patches)
     if n == 0:
         return pd.DataFrame(columns=[f"{b}_{s}" for b in bands for s in FEATURE_STATS], dtype=np.float64)
-    pixels = patches.reshape(n, -1, patches.shape[-1]).astype(np.float32)
-    sampled = patches[:, ::stride, ::stride, :].reshape(n, -1, patches.shape[-1]).astype(np.float32)
-    low, high = np.percentile(sampled, [5, 95], axis=1)
+    by_band = np.ascontiguousarray(patches.reshape(n, -1, patches.shape[-1]).transpose(0, 2, 1))  # (n, band, pixel)
+    pixels = by_band.astype(np.float32)
+    mean = pixels.mean(axis=-1, dtype=np.float64)
+    pixels -= mean[..., None].astype(np.float32)
+    std = np.sqrt(np.einsum("ijk,ijk->ij", pixels, pixels, dtype=np.float64) / pixels.shape[-1])
+    sampled = np.ascontiguousarray(
+        patches[:, ::stride, ::stride, :].reshape(n, -1, patches.shape[-1]).transpose(0, 2, 1)
+    )
+    low, high = (_percentile(sampled, q) for q in (5, 95))
     columns: dict[str, np.ndarray] = {}
     for i, band in enumerate(bands):
-        columns[f"{band}_mean"] = pixels[:, :, i].mean(axis=1)
-        columns[f"{band}_std"] = pixels[:, :, i].std(axis=1)
+        columns[f"{band}_mean"] = mean[:, i]
+        columns[f"{band}_std"] = std[:, i]
         columns[f"{band}_p05"] = low[:, i]
         columns[f"{band}_p95"] = high[:, i]
     return pd.DataFrame(columns).astype(np.float64)
+
+
+def _percentile(values: np.ndarray, q: float) -> np.ndarray:
+    """numpy's default ("linear") percentile along the last axis, from the two order statistics around it."""
+    position = (values.shape[-1] - 1) * q / 100
+    below = int(np.floor(position))
+    above = min(below + 1, values.shape[-1] - 1)
+    ordered = np.partition(values, [below, above], axis=-1)
+    low, high = ordered[..., below].astype(np.float64), ordered[..., above].astype(np.float64)
+    return low + (high - low) * (position - below)
 
 
 @dataclass(frozen=True)
