@@ -1,19 +1,27 @@
 """cloudscreen_screening: screen and monitor snapshots with the champion, on every new snapshot and champion.
 
-Wiring only: each task calls one function of tasks.lib.pipeline.
+Wiring only: each task calls one function of tasks.lib.pipeline (or, on Kubernetes, runs the screening entrypoint of
+the trainer image in a GPU pod).
 """
 
 from __future__ import annotations
 
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from ops import alerts
-from tasks.lib import pipeline, xcoms
+from tasks.lib import backends, pipeline, xcoms
+from tasks.lib.config import load_section
 from tasks.lib.errors import fail_fast
 from tasks.lib.scoring import DEFAULT_MODEL
 
 SETTINGS = pipeline.load_pipeline_params()
+PLACEMENT = load_section("screen", backends.ScreeningPlacement)
+KUBERNETES = load_section("backends", backends.BackendsParams).kubernetes
+SCREEN_TASKS = {"local": "screen", "kubernetes": "screen_kubernetes"}
+# What the branch follows: the local screens, or the pods' arguments (the pods follow them).
+FIRST_TASKS = {"local": SCREEN_TASKS["local"], "kubernetes": "screening_pods"}
 TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)
 CHAMPION = Asset(**pipeline.CHAMPION_ASSET)
 DRIFT = Asset(**pipeline.DRIFT_ASSET)
@@ -22,6 +30,11 @@ PERMANENT_FAILS = fail_fast(AirflowFailException)
 SCREEN_DOC = """Score every patch of one snapshot with the pinned version (`python -m tasks.screen`; on the Dask cluster
 when DASK_SCHEDULER_ADDRESS is set) into `<data root>/screened/<snapshot>/<version>/`. Output: counts, cloud fraction,
 agreement with the official cloud list, throughput and the MLflow run."""
+SCREEN_POD_DOC = """`python -m tasks.screen` of the trainer image in a pod on the GPU node pool, one per snapshot
+(`backends.kubernetes`: `nvidia.com/gpu` in limits, node selector, tolerations, Workload Identity service account,
+secrets from Kubernetes Secrets); deferrable; the pod is deleted when it finishes. It restores the snapshot's data
+version into an emptyDir, screens it with the pinned version into `screen.store`/<snapshot>/<version>/ (summary.json
+last) and writes its result to /airflow/xcom/return.json. Output: as the local screen's, `out` in the object store."""
 MONITOR_DOC = """Compare the snapshot with the data the version was trained on (`tasks.monitor`: band features of a
 sample, the scores, season, country and the labelled cloud share, by Evidently; the version's recall and precision on
 the labelled patches against its test figures) into `<data root>/monitored/<snapshot>/<version>/`. Output: the decision
@@ -68,6 +81,12 @@ def _run() -> pipeline.Run:
             description="The registered version to screen with: models:/NAME@ALIAS or models:/NAME/VERSION. It "
             "must carry an operating threshold (the gate sets it when it promotes).",
         ),
+        "backend": Param(
+            PLACEMENT.backend,
+            enum=list(SCREEN_TASKS),
+            description="local: on the Airflow worker (on its Dask cluster when DASK_SCHEDULER_ADDRESS is set) · "
+            "kubernetes: one pod per snapshot on the GPU node pool, writing to screen.store.",
+        ),
     },
     doc_md=__doc__
     + """
@@ -78,7 +97,9 @@ the `cloudscreen-screening` experiment. A snapshot already screened by the versi
 champion writes its own directory beside the earlier ones. Each screened snapshot is then monitored against the data
 the version was trained on (input drift, prediction drift, context, decay); a `drift` or `decay` verdict emits the
 `cloudscreen_drift` Asset, which `cloudscreen_training` follows when `pipeline.retrain_on` is `drift`. The form names
-a snapshot (or every snapshot, a backfill) and a version.
+a snapshot (or every snapshot, a backfill), a version and the backend: `local` screens on the Airflow worker,
+`kubernetes` in a GPU pod per snapshot (the trainer image, `backends.kubernetes`), which writes to the object store
+(`screen.store`/<snapshot>/<version>/); `screening_result` then fetches each pod's screening into the data root.
 """,
 )
 def cloudscreen_screening():
@@ -107,11 +128,32 @@ def cloudscreen_screening():
         """The snapshots, one screening task each."""
         return chosen["snapshots"]
 
+    @task.branch
+    def choose_backend() -> str:
+        """Follow the form's screening backend."""
+        return FIRST_TASKS[get_current_context()["params"]["backend"]]
+
+    @task(task_id=FIRST_TASKS["kubernetes"])
+    @PERMANENT_FAILS
+    def screening_pods(chosen: xcoms.ScreeningPlan) -> list[list[str]]:
+        """The screening pods' arguments, one list per snapshot: its data version, the pinned version, the output
+        under `screen.store`."""
+        return pipeline.screening_pods(_run(), plan=chosen)
+
     # A mapped task shows the doc_md it is given, not its docstring.
-    @task(**SCREEN, map_index_template="{{ task.op_kwargs['snapshot'] }}", doc_md=SCREEN_DOC)
+    @task(task_id=SCREEN_TASKS["local"], **SCREEN, map_index_template="{{ task.op_kwargs['snapshot'] }}",
+          doc_md=SCREEN_DOC)  # fmt: skip
     @PERMANENT_FAILS
     def screen(snapshot: str, chosen: xcoms.ScreeningPlan) -> xcoms.Screened:
         return pipeline.screen_step(_run(), snapshot=snapshot, model=chosen["model"])
+
+    @task(trigger_rule="none_failed_min_one_success")
+    @PERMANENT_FAILS
+    def screening_result() -> list[xcoms.Screened]:
+        """The screenings of whichever backend ran, one per snapshot; a pod's is fetched from the object store into
+        `<data root>/screened/<snapshot>/<version>/`, where the monitoring reads it."""
+        results = get_current_context()["ti"].xcom_pull(task_ids=list(SCREEN_TASKS.values()))
+        return pipeline.screening_results(_run(), results=results)
 
     @task(**SCREEN, doc_md=MONITOR_DOC)
     @PERMANENT_FAILS
@@ -140,7 +182,24 @@ def cloudscreen_screening():
         return pipeline.summarize_screening(_run(), plan=chosen, screened=list(screened), monitored=list(monitored))
 
     chosen = plan()
-    screened = screen.partial(chosen=chosen).expand(snapshot=snapshots(chosen))
+    screened_here = screen.partial(chosen=chosen).expand(snapshot=snapshots(chosen))
+    pods = screening_pods(chosen)
+    screened_in_pods = KubernetesPodOperator.partial(
+        task_id=SCREEN_TASKS["kubernetes"],
+        name="cloudscreen-screener",
+        doc_md=SCREEN_POD_DOC,
+        **backends.kubernetes_spec(
+            None,
+            KUBERNETES,
+            env={"CLOUDSCREEN_DAG_ID": "{{ dag.dag_id }}", "CLOUDSCREEN_DAG_RUN_ID": "{{ run_id }}"},
+            module=backends.SCREENER_MODULE,
+        ),
+        **SCREEN,
+        pool=SETTINGS.gpu_pool,
+    ).expand(arguments=pods)
+    choose_backend() >> [screened_here, pods]
+    screened = screening_result()
+    [screened_here, screened_in_pods] >> screened
     monitored = monitor.partial(chosen=chosen).expand(screened=screened)
     request = request_retraining(monitored)
     request >> summary(chosen, screened, monitored)

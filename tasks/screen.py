@@ -19,7 +19,13 @@ an MLflow run in the `screen` section's experiment (params, metrics, lineage tag
 
 Memory stays flat in the number of patches: shards are memory-mapped and scored a batch at a time. With
 DASK_SCHEDULER_ADDRESS set, shards are scored on that cluster's workers, each loading the model once; otherwise on
-this machine (a GPU pod runs the same command).
+this machine.
+
+In a GPU pod (the screening DAG's kubernetes backend; tasks.lib.backends), the same command runs with
+`--restore-data DIR --data-version V` (the snapshot's data version restored from the DVC remote into DIR/data;
+`--tiles` is then relative to it), `--out gs://BUCKET/PREFIX` (the screening is written to a temporary directory,
+then uploaded to `gs://BUCKET/PREFIX/<version>/`, summary.json last; a summary already there with the same
+fingerprint means nothing to do) and `--xcom-out FILE` (the result, tasks.lib.xcoms.Screened, as JSON).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,15 +44,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
-from tasks.lib import cli, tracking
-from tasks.lib.config import StepParams, load_section
+from tasks.lib import cli, tracking, xcoms
+from tasks.lib.backends import ScreeningPlacement
+from tasks.lib.config import load_section
 from tasks.lib.errors import InputError, ScreeningError
 from tasks.lib.files import atomic_dir, jsonable, path_digest, write_json
 from tasks.lib.metrics import binary_metrics, slice_metrics
 from tasks.lib.outputs import completed, fingerprint
+from tasks.lib.remote_outputs import RemoteOutput, is_remote
 from tasks.lib.scoring import DEFAULT_MODEL, ModelVersion, Scorer, load_scorer, resolve_version
 from tasks.lib.tiles import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, RGB_CHANNELS, PatchReader
 
@@ -55,22 +64,56 @@ SCORES_FILE = "scores.parquet"
 CLEAR_FILE = "clear.parquet"
 AGREEMENT_FILE = "agreement.parquet"
 SUMMARY_FILE = "summary.json"
+OUTPUT_FILES = (SCORES_FILE, CLEAR_FILE, AGREEMENT_FILE)  # summary.json, written last, names them complete
 PARQUET_METADATA_KEY = b"cloudscreen"
 KIND_SCREENING = "screening"  # the cloudscreen.kind tag of a screening run
 AGREEMENT_METRICS = ("patches", "positives", "precision", "recall", "f1", "accuracy", "tp", "fp", "fn", "tn")
 
 
-class ScreenParams(StepParams):
+class ScreenParams(ScreeningPlacement):
+    """The `screen` section: what the screening computes, and (ScreeningPlacement) where the DAG runs it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
     batch_size: int = Field(gt=0)
     slice_columns: list[str]
     experiment: str = Field(min_length=1)
 
+    def computed(self) -> dict[str, Any]:
+        """The params the screening depends on: what the fingerprint, summary.json and the MLflow run record. Where it
+        ran is left out, so the same screening is found whichever backend wrote it."""
+        return self.model_dump(mode="json", exclude=_WHERE)
+
+    def computed_json(self) -> str:
+        """`computed()` as the fingerprint hashes it (pydantic's compact JSON, as before `backend` and `store`)."""
+        return self.model_dump_json(exclude=_WHERE)
+
+
+_WHERE = set(ScreeningPlacement.model_fields)
+
 
 @dataclass(frozen=True)
 class ScreenResult:
-    out: Path  # OUT/<version>
+    out: Path | str  # OUT/<version>: a directory, or gs://…/<version> in the object store
     summary: dict[str, Any]
     skipped: bool  # an earlier screening of these tiles by this version was reused
+
+    def xcom(self, *, snapshot: str, data_version: str) -> xcoms.Screened:
+        """What the DAG's screen task returns (and a pod writes with --xcom-out)."""
+        s = self.summary
+        return xcoms.Screened(
+            snapshot=snapshot,
+            data_version=data_version,
+            version=s["model"]["version"],
+            out=str(self.out),
+            patches=s["patches"],
+            clear=s["clear"],
+            cloud_fraction=s["cloud_fraction"],
+            agreement_precision=jsonable(s["agreement"]["precision"]),
+            agreement_recall=jsonable(s["agreement"]["recall"]),
+            patches_per_second=s["patches_per_second"],
+            mlflow_run_id=s["mlflow_run_id"],
+            skipped=self.skipped,
+        )
 
 
 # --- reading the snapshot -----------------------------------------------------------------------------------------
@@ -224,42 +267,81 @@ def read_scores_metadata(path: Path) -> dict[str, Any]:
 def screen(
     *,
     tiles: Path,
-    out: Path,
+    out: Path | str,
     params: ScreenParams,
     model: str = DEFAULT_MODEL,
     lineage: tracking.Lineage | None = None,
 ) -> ScreenResult:
     """Score every patch of `tiles` with the version `model` names and write OUT/<version>/ (see the module docstring).
 
+    Args:
+        out: the snapshot's screening directory, or a `gs://BUCKET/PREFIX` URL: the screening is then written to a
+            temporary directory and uploaded to PREFIX/<version>/, summary.json last.
+
     Raises:
         ModelVersionError: the model names no registered version with an operating threshold, or cannot be loaded.
         ScreeningError: the tiles are missing or unreadable, the model breaks its contract, or OUT/<version> holds
             another model's screening.
     """
-    import mlflow
-
     lineage = lineage or tracking.Lineage.from_environment()
     version = resolve_version(model)
-    target = out / version.version
     try:
         inputs = [path_digest(tiles / name, "sha256") for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)]
     except OSError as exc:
         raise ScreeningError(f"{tiles}: not a tiles directory ({exc})") from exc
-    key = fingerprint(*inputs, version.name, version.version, repr(version.threshold), params.model_dump_json())
-    files = [target / name for name in (SCORES_FILE, CLEAR_FILE, AGREEMENT_FILE)]
-    if done := completed(target / SUMMARY_FILE, key, requires=files, what=f"screening by {version.uri}"):
+    key = fingerprint(*inputs, version.name, version.version, repr(version.threshold), params.computed_json())
+    what = f"screening by {version.uri}"
+
+    if is_remote(out):
+        store = RemoteOutput(f"{str(out).rstrip('/')}/{version.version}")
+        if done := store.completed(SUMMARY_FILE, key, requires=OUTPUT_FILES, what=what):
+            return ScreenResult(store.url, done, skipped=True)
+        _check_same_model(store.read_record(SUMMARY_FILE), version, store.url)
+        with tempfile.TemporaryDirectory(prefix="cloudscreen-screen-") as scratch:
+            summary = _screen(tiles, Path(scratch) / version.version, params, version, lineage, key, publish=store)
+        return ScreenResult(store.url, summary, skipped=False)
+
+    target = Path(out) / version.version
+    if done := completed(target / SUMMARY_FILE, key, requires=[target / name for name in OUTPUT_FILES], what=what):
         return ScreenResult(target, done, skipped=True)
-    if (target / SUMMARY_FILE).is_file():
-        earlier = json.loads((target / SUMMARY_FILE).read_text()).get("model", {}).get("name")
-        if earlier not in (None, version.name):
-            raise ScreeningError(
-                f"{target} holds a screening by model {earlier!r}, not {version.name!r}: screen into another --out"
-            )
+    _check_same_model(_read_summary(target / SUMMARY_FILE), version, str(target))
+    return ScreenResult(target, _screen(tiles, target, params, version, lineage, key), skipped=False)
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_same_model(earlier: dict[str, Any] | None, version: ModelVersion, where: str) -> None:
+    """A directory holds one registered model's screenings: refuse to replace another model's."""
+    name = (earlier or {}).get("model", {}).get("name")
+    if name not in (None, version.name):
+        raise ScreeningError(
+            f"{where} holds a screening by model {name!r}, not {version.name!r}: screen into another --out"
+        )
+
+
+def _screen(
+    tiles: Path,
+    target: Path,
+    params: ScreenParams,
+    version: ModelVersion,
+    lineage: tracking.Lineage,
+    key: str,
+    publish: RemoteOutput | None = None,
+) -> dict[str, Any]:
+    """Score, write `target` whole, log the MLflow run, and upload `target` to `publish` within that run (a failed
+    upload fails the run); the summary."""
+    import mlflow
 
     table = _patch_table(tiles, params.slice_columns)
     rgb = _rgb_positions(tiles)
     log.info("screening %d patches of %s with %s (threshold %.4f)", len(table), tiles, version.uri, version.threshold)
     about = {"model": version.to_json(), "snapshot": lineage.snapshot, "data_version": lineage.data_version}
+    computed = params.computed()
     with mlflow.start_run(
         experiment_id=tracking.experiment_id(params.experiment),
         run_name=f"screen {lineage.snapshot or tiles.name} v{version.version}",
@@ -272,7 +354,7 @@ def screen(
                 "model_uri": version.asked,
                 "operating_threshold": version.threshold,
                 "tiles": str(tiles),
-                **params.model_dump(mode="json"),
+                **computed,
             }
         )
         started = time.perf_counter()
@@ -300,7 +382,7 @@ def screen(
             **about,
             "tiles": str(tiles),
             "mlflow_run_id": run.info.run_id,
-            "params": params.model_dump(mode="json"),
+            "params": computed,
             "input": {"fingerprint": key},
         }
         with atomic_dir(target) as tmp:
@@ -322,32 +404,73 @@ def screen(
         )
         mlflow.log_artifact(str(target / SUMMARY_FILE))
         mlflow.log_artifact(str(target / AGREEMENT_FILE))
+        if publish is not None:
+            publish.upload(target, record=SUMMARY_FILE)
     log.info(
         "screened %d patches: %d clear, cloud fraction %.3f; against the official cloud list precision %.3f recall "
-        "%.3f; %.1f patches/s",
+        "%.3f; %.1f patches/s; %s",
         summary["patches"],
         summary["clear"],
         summary["cloud_fraction"],
         agreement["precision"],
         agreement["recall"],
         summary["patches_per_second"],
+        publish.url if publish is not None else target,
     )
-    return ScreenResult(target, summary, skipped=False)
+    return summary
+
+
+def _location(value: str) -> Path | str:
+    """--out: a local directory, or a gs:// URL kept as given (a Path would fold its //)."""
+    return value if is_remote(value) else Path(value)
 
 
 def main() -> None:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--tiles", type=Path, required=True, help="the tile step's output directory of one snapshot")
-    p.add_argument("--out", type=Path, required=True, help="the snapshot's screening directory; writes OUT/<version>/")
+    p.add_argument(
+        "--tiles",
+        type=Path,
+        required=True,
+        help="the tile step's output directory of one snapshot (with --restore-data: relative to DIR/data)",
+    )
+    p.add_argument(
+        "--out",
+        type=_location,
+        required=True,
+        help="the snapshot's screening directory, or gs://BUCKET/PREFIX (written locally, then uploaded, summary.json "
+        "last); writes OUT/<version>/",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a registered version (default: {DEFAULT_MODEL})")
     p.add_argument("--snapshot", help="lineage: the snapshot screened (default: $CLOUDSCREEN_SNAPSHOT)")
     p.add_argument("--data-version", help="lineage: its DVC data version (default: $CLOUDSCREEN_DATA_VERSION)")
+    p.add_argument(
+        "--restore-data",
+        type=Path,
+        metavar="DIR",
+        help="first restore --data-version from the DVC remote into DIR/data; --tiles is then relative to it (how a "
+        "pod, away from the pipeline's files, gets the snapshot)",
+    )
+    p.add_argument(
+        "--xcom-out",
+        type=Path,
+        metavar="FILE",
+        help="write the result (snapshot, version, out, counts, MLflow run) as JSON here (KPO: /airflow/xcom/"
+        "return.json)",
+    )
     args = p.parse_args()
     cli.configure_logging(args.verbose)
     params = load_section("screen", ScreenParams, args.params, args.overrides)
     lineage = tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version)
+    tiles = args.tiles
+    if args.restore_data:
+        from tasks.versioning import VersioningParams, restore_into
+
+        versioning = load_section("versioning", VersioningParams, args.params, args.overrides)
+        tiles = restore_into(args.restore_data, version=args.data_version, params=versioning) / tiles
     with cli.stdout_to_stderr():
-        result = screen(tiles=args.tiles, out=args.out, params=params, model=args.model, lineage=lineage)
+        result = screen(tiles=tiles, out=args.out, params=params, model=args.model, lineage=lineage)
+    if args.xcom_out:
+        write_json(args.xcom_out, result.xcom(snapshot=lineage.snapshot, data_version=lineage.data_version))
     print(json.dumps(jsonable(result.summary), indent=2))
 
 

@@ -575,14 +575,10 @@ def main() -> None:
 def _restored(
     into: Path, version: str | None, manifest: Path, tiles: Path, params: Path, overrides: list[str]
 ) -> tuple[Path, Path]:
-    from tasks.versioning import VersioningParams, restore
+    from tasks.versioning import VersioningParams, restore_into
 
-    if not version:
-        raise ConfigError("--restore-data needs --data-version (which data version to restore)")
-    # A subdirectory: `into` may be a mount point (a pod's emptyDir), which the atomic replacement cannot rename.
-    dest = into / "data"
-    restore(version=version, dest=dest, params=load_section("versioning", VersioningParams, params, overrides))
-    return dest / manifest, dest / tiles
+    data = restore_into(into, version=version, params=load_section("versioning", VersioningParams, params, overrides))
+    return data / manifest, data / tiles
 
 
 if __name__ == "__main__":

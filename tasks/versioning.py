@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 
 from tasks.lib import cli
 from tasks.lib.config import StepParams, load_section
-from tasks.lib.errors import UnknownVersionError, VersioningError
+from tasks.lib.errors import ConfigError, UnknownVersionError, VersioningError
 from tasks.lib.files import atomic_dir, write_json
 from tasks.lib.tiles import MANIFEST_FILE as TILE_MANIFEST_FILE
 from tasks.sample import MANIFEST_FILE as SAMPLE_MANIFEST_FILE
@@ -358,6 +358,20 @@ def restore(*, version: str, dest: Path, params: VersioningParams) -> RestoreRes
         size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     log.info("restored data version %s into %s (%d files, %d bytes)", oid, dest, len(files), size)
     return RestoreResult(oid, dest, len(files), size)
+
+
+def restore_into(into: Path, *, version: str | None, params: VersioningParams) -> Path:
+    """Restore a data version into `into/data` and return that directory (tiles/ and samples/): how an image's
+    entrypoint (`--restore-data DIR --data-version V` of tasks.train and tasks.screen), away from the pipeline's files,
+    gets its data. A subdirectory, because `into` may be a mount point (a pod's emptyDir), which the atomic replacement
+    cannot rename.
+
+    Raises:
+        ConfigError: no data version was given.
+    """
+    if not version:
+        raise ConfigError("--restore-data needs --data-version (which data version to restore)")
+    return restore(version=version, dest=into / _DATA_DIR, params=params).dest
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""Where the training step runs: one trainer entrypoint (`python -m tasks.train`), three ways to start it.
+"""Where the training step runs: one trainer entrypoint (`python -m tasks.train`), three ways to start it; and the
+screening step's GPU pod, which runs the same image.
 
 - `local`: a subprocess of the Airflow worker, on the worker's files (the embedded default, CI).
 - `docker`: the trainer image on one GPU machine through the Docker engine API (the seed project's workflow).
@@ -9,6 +10,10 @@ The image runs away from the worker's files, so the two image backends restore t
 DVC remote into the container first (`tasks.train --restore-data`); every backend returns the trainer's result,
 `{"run_id", "model_version"}`, the JSON the trainer writes with `--xcom-out` (for a pod, /airflow/xcom/return.json,
 which the operator's sidecar reads).
+
+The screening DAG starts `python -m tasks.screen` from the same image in the same kind of pod (`kubernetes_spec` with
+`module=SCREENER_MODULE`, `screening_arguments`): it restores the snapshot's data version the same way, writes the
+screening to the object store (`screen.store`) and its result, tasks.lib.xcoms.Screened, to the XCom file.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,7 +42,9 @@ log = logging.getLogger(__name__)
 
 POD_XCOM_FILE = "/airflow/xcom/return.json"  # where the KubernetesPodOperator's sidecar reads the result
 DOCKER_XCOM_FILE = "/tmp/cloudscreen/return.json"  # read back from the stopped container
-TRAINER_MODULE = "tasks.train"
+TRAINER_MODULE = "tasks.train"  # the image's ENTRYPOINT
+SCREENER_MODULE = "tasks.screen"
+POD_APPS = {TRAINER_MODULE: "cloudscreen-trainer", SCREENER_MODULE: "cloudscreen-screener"}  # the pods' `app` label
 
 
 class SecretEnv(BaseModel):
@@ -89,6 +96,16 @@ class BackendsParams(StepParams):
     checkpoints: str | None = Field(pattern=r"^gs://[^/]+/")
     kubernetes: KubernetesParams
     docker: DockerParams
+
+
+class ScreeningPlacement(StepParams):
+    """Where the screening DAG screens and a pod keeps its screening: the `screen` section's keys that say where, not
+    what, is computed (tasks.screen.ScreenParams adds those and leaves these out of its fingerprint). Read alone, the
+    other keys of the section are ignored, so a DAG file can read it without importing the step."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    backend: Literal["local", "kubernetes"]  # local: on the Airflow worker (or its Dask cluster) · kubernetes: GPU pods
+    store: str | None = Field(pattern=r"^gs://[^/]+/")  # pods' screenings: <store>/<snapshot>/<version>/
 
 
 SPOT_LABEL = "cloud.google.com/gke-spot"  # GKE labels and taints spot nodes with it ("true")
@@ -155,6 +172,23 @@ class TrainingRequest:
             *(["--checkpoint-url", self.checkpoint_url] if self.checkpoint_url else []),
             *self._overrides(),
         ]  # fmt: skip
+
+
+def screening_arguments(
+    *, snapshot: str, data_version: str, model: str, out: str, data_dir: str, xcom_out: str
+) -> list[str]:
+    """The screening pod's arguments (`python -m tasks.screen` in the trainer image): restore the snapshot's data
+    version into `data_dir`, screen its tiles with the pinned `model` into `out` (gs://…/<snapshot>), write the result
+    to `xcom_out`."""
+    return [
+        "--snapshot", snapshot,
+        "--data-version", data_version,
+        "--restore-data", data_dir,
+        "--tiles", "tiles",
+        "--model", model,
+        "--out", out,
+        "--xcom-out", xcom_out,
+    ]  # fmt: skip
 
 
 # --- local ----------------------------------------------------------------------------------------------------------
@@ -242,14 +276,19 @@ def run_docker(request: TrainingRequest, params: DockerParams) -> xcoms.Trained:
 
 
 def kubernetes_spec(
-    request_args: list[str] | Any, params: KubernetesParams, env: dict[str, str] | None = None
+    request_args: list[str] | Any,
+    params: KubernetesParams,
+    env: dict[str, str] | None = None,
+    module: str = TRAINER_MODULE,
 ) -> dict[str, Any]:
-    """KubernetesPodOperator keyword arguments for the trainer pod (the DAG adds task id, pool, timeouts, docs).
+    """KubernetesPodOperator keyword arguments for a pod of the trainer image (the DAG adds task id, pool, timeouts,
+    docs): the trainer (the image's entrypoint), or with `module=SCREENER_MODULE` the screening.
 
     The GPU is an extended resource and so goes in limits; the node selector and tolerations put the pod on the GPU
     node pool; the service account carries the cloud identity (Workload Identity), secrets come from Kubernetes
     Secrets, and the data version is restored into an emptyDir. `request_args` may be an Airflow XComArg and `env`
     values Airflow templates (the DAG run's ids for the lineage tags): the operator resolves both when the task runs.
+    None leaves the arguments out, for a mapped operator's `.partial()` (they come with `.expand(arguments=...)`).
     """
     from kubernetes.client import models as k8s
 
@@ -263,10 +302,9 @@ def kubernetes_spec(
         node_selector[SPOT_LABEL] = "true"
         tolerations.append(Toleration(key=SPOT_LABEL, operator="Equal", value="true", effect="NoSchedule"))
         plain_env |= spot_prices(plain_env)
-    return {
+    spec: dict[str, Any] = {
         "namespace": params.namespace,
         "image": params.image,
-        "arguments": request_args,
         "service_account_name": params.service_account,
         "container_resources": k8s.V1ResourceRequirements(requests=dict(params.requests), limits=limits),
         "node_selector": node_selector,
@@ -292,12 +330,17 @@ def kubernetes_spec(
         ),
         "startup_timeout_seconds": params.startup_timeout_seconds,
         "poll_interval": params.poll_interval_seconds,
-        "labels": {"app": "cloudscreen-trainer"},
+        "labels": {"app": POD_APPS[module]},
         "do_xcom_push": True,
         "deferrable": True,
         "on_finish_action": "delete_pod",
         "get_logs": True,
     }
+    if module != TRAINER_MODULE:
+        spec["cmds"] = ["python", "-m", module]
+    if request_args is not None:
+        spec["arguments"] = request_args
+    return spec
 
 
 def spot_prices(env: dict[str, str]) -> dict[str, str]:

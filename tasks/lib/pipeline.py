@@ -630,10 +630,7 @@ def screen_step(run: Run, *, snapshot: str, model: str) -> xcoms.Screened:
     from tasks.lib import tracking
     from tasks.screen import ScreenParams, screen
 
-    records = {r["snapshot"]: r for r in snapshot_records(run.data_root)}
-    if snapshot not in records:
-        raise PipelineError(f"snapshot {snapshot!r}: no record under {run.data_root / SNAPSHOTS_DIR}")
-    record = records[snapshot]
+    record = _snapshot_record(run, snapshot)
     result = screen(
         tiles=_snapshot_tiles(run, record),
         out=run.data_root / "screened" / snapshot,
@@ -641,21 +638,72 @@ def screen_step(run: Run, *, snapshot: str, model: str) -> xcoms.Screened:
         model=model,
         lineage=tracking.Lineage.from_environment(snapshot=snapshot, data_version=record["data_version"]),
     )
-    s = result.summary
-    return xcoms.Screened(
-        snapshot=snapshot,
-        data_version=record["data_version"],
-        version=s["model"]["version"],
-        out=str(result.out),
-        patches=s["patches"],
-        clear=s["clear"],
-        cloud_fraction=s["cloud_fraction"],
-        agreement_precision=jsonable(s["agreement"]["precision"]),
-        agreement_recall=jsonable(s["agreement"]["recall"]),
-        patches_per_second=s["patches_per_second"],
-        mlflow_run_id=s["mlflow_run_id"],
-        skipped=result.skipped,
-    )
+    return result.xcom(snapshot=snapshot, data_version=record["data_version"])
+
+
+def _snapshot_record(run: Run, snapshot: str) -> xcoms.SnapshotRecord:
+    records = {r["snapshot"]: r for r in snapshot_records(run.data_root)}
+    if snapshot not in records:
+        raise PipelineError(f"snapshot {snapshot!r}: no record under {run.data_root / SNAPSHOTS_DIR}")
+    return records[snapshot]
+
+
+def screening_pods(run: Run, *, plan: xcoms.ScreeningPlan) -> list[list[str]]:
+    """The kubernetes backend's pod arguments, one list per snapshot of the plan: restore the snapshot's data version
+    into the pod's emptyDir, screen it with the pinned version into `screen.store`/<snapshot>/, write the result for
+    the operator's XCom sidecar (tasks.lib.backends.screening_arguments)."""
+    from tasks.lib.backends import POD_XCOM_FILE, BackendsParams, ScreeningPlacement, screening_arguments
+
+    store = run.load("screen", ScreeningPlacement).store
+    if not store:
+        raise ConfigError("screen.store is null: the kubernetes backend's pods keep their screenings there; set it to "
+                          "gs://BUCKET/PREFIX")  # fmt: skip
+    data_dir = run.load("backends", BackendsParams).kubernetes.data_dir
+    pods = []
+    for snapshot in plan["snapshots"]:
+        record = _snapshot_record(run, snapshot)
+        pods.append(
+            screening_arguments(
+                snapshot=snapshot,
+                data_version=record["data_version"],
+                model=plan["model"],
+                out=f"{store.rstrip('/')}/{snapshot}",
+                data_dir=data_dir,
+                xcom_out=POD_XCOM_FILE,
+            )
+        )
+    return pods
+
+
+def pull_screening(run: Run, *, screened: xcoms.Screened) -> xcoms.Screened:
+    """A pod's screening, kept in the object store (`out` is gs://…/<snapshot>/<version>), fetched into
+    <data root>/screened/<snapshot>/<version>/ as a local screening would have written it (where the monitoring and
+    later local runs look); nothing is fetched when that directory already holds the same screening. The result
+    names the local directory as `out` and the bucket's as `url`."""
+    from tasks.lib.outputs import completed
+    from tasks.lib.remote_outputs import RemoteOutput
+    from tasks.screen import OUTPUT_FILES, SUMMARY_FILE
+
+    store = RemoteOutput(screened["out"])
+    key = ((store.read_record(SUMMARY_FILE) or {}).get("input") or {}).get("fingerprint")
+    if not key:
+        raise PipelineError(f"{store.url}: no {SUMMARY_FILE} with a fingerprint: the pod's screening is not complete")
+    target = run.data_root / "screened" / screened["snapshot"] / screened["version"]
+    files = [target / name for name in OUTPUT_FILES]
+    if not completed(target / SUMMARY_FILE, key, requires=files, what=f"{store.url} in the data root"):
+        try:
+            store.download(target, [*OUTPUT_FILES, SUMMARY_FILE])
+        except FileNotFoundError as exc:
+            raise PipelineError(f"{store.url}: the pod's screening is incomplete ({exc})") from exc
+    return xcoms.Screened(**{**screened, "out": str(target), "url": store.url})
+
+
+def screening_results(run: Run, *, results: Iterable[xcoms.Screened | None]) -> list[xcoms.Screened]:
+    """The screenings of whichever backend ran (None for the one that was skipped), each in the data root: a pod's
+    is fetched from the object store first (`pull_screening`)."""
+    from tasks.lib.remote_outputs import is_remote
+
+    return [pull_screening(run, screened=s) if is_remote(s["out"]) else s for s in results if s]
 
 
 def monitor_step(run: Run, *, screened: xcoms.Screened, model: str) -> xcoms.Monitored:

@@ -156,7 +156,8 @@ class ScreeningPlan(TypedDict):
 
 
 class Screened(TypedDict):
-    """screen: one snapshot's screening (the whole of it is OUT/<version>/summary.json)."""
+    """screen: one snapshot's screening (the whole of it is OUT/<version>/summary.json). A pod writes it with `out`
+    in the object store; the DAG then fetches the screening into the data root and `out` names it there."""
 
     snapshot: str
     data_version: str
@@ -170,6 +171,7 @@ class Screened(TypedDict):
     patches_per_second: float
     mlflow_run_id: str
     skipped: bool
+    url: NotRequired[str]  # the kubernetes backend's copy in the object store (gs://…/<snapshot>/<version>)
 
 
 class Monitored(TypedDict):

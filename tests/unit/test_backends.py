@@ -10,6 +10,7 @@ import pytest
 from tasks.lib.backends import (
     DOCKER_XCOM_FILE,
     POD_XCOM_FILE,
+    SCREENER_MODULE,
     BackendsParams,
     TrainingBackendError,
     TrainingRequest,
@@ -17,6 +18,7 @@ from tasks.lib.backends import (
     kubernetes_spec,
     run_docker,
     run_local,
+    screening_arguments,
 )
 from tasks.lib.config import load_section
 from tasks.lib.errors import CloudscreenError
@@ -152,3 +154,43 @@ def test_the_spot_pool_adds_gkes_selector_and_toleration_and_the_preemptible_pri
     assert env["CLOUDSCREEN_MACHINE_TYPE"] in cost.machine_usd_per_hour
     assert env["CLOUDSCREEN_ACCELERATOR"] in cost.accelerator_usd_per_hour
     assert env["CLOUDSCREEN_ACCELERATOR"].endswith("-preemptible")
+
+
+def test_the_screening_pod_runs_tasks_screen_from_the_trainer_image_and_restores_its_snapshot():
+    settings = load_section("backends", BackendsParams).kubernetes
+    args = screening_arguments(
+        snapshot="2026-11-16",
+        data_version=VERSION,
+        model="models:/cloudscreen-classifier/3",
+        out="gs://cloudscreen/screened/2026-11-16",
+        data_dir=settings.data_dir,
+        xcom_out=POD_XCOM_FILE,
+    )
+    flags = pairs(args)
+    assert flags["--restore-data"] == [settings.data_dir] and flags["--data-version"] == [VERSION]
+    assert flags["--tiles"] == ["tiles"]  # inside the restored data version
+    assert flags["--out"] == ["gs://cloudscreen/screened/2026-11-16"] and flags["--xcom-out"] == [POD_XCOM_FILE]
+    screener = kubernetes_spec(None, settings, module=SCREENER_MODULE)
+    trainer = kubernetes_spec(args, settings)
+    assert screener["cmds"] == ["python", "-m", "tasks.screen"] and "cmds" not in trainer  # the entrypoint trains
+    assert "arguments" not in screener  # a mapped operator's .partial(): they come with .expand()
+    assert screener["labels"] == {"app": "cloudscreen-screener"} and trainer["labels"] == {"app": "cloudscreen-trainer"}
+    same = ("image", "service_account_name", "node_selector", "tolerations", "container_resources", "volumes")
+    assert all(screener[key] == trainer[key] for key in same)
+
+
+def test_where_the_screening_runs_is_read_alone_and_never_changes_what_it_computes():
+    from tasks.lib.backends import ScreeningPlacement
+    from tasks.lib.errors import ConfigError
+    from tasks.screen import ScreenParams
+
+    # The DAG reads backend and store without importing the step; the step still refuses keys it does not know.
+    assert load_section("screen", ScreeningPlacement).backend == "local"
+    with pytest.raises(ConfigError, match=r"screen\.bogus"):
+        load_section("screen", ScreenParams, overrides=["screen.bogus=1"])
+    here = load_section("screen", ScreenParams)
+    pods = load_section("screen", ScreenParams, overrides=["screen.backend=kubernetes", "screen.store=gs://b/x"])
+    assert here.computed_json() == pods.computed_json() and "backend" not in here.computed()
+    assert (
+        load_section("screen", ScreenParams, overrides=["screen.batch_size=8"]).computed_json() != here.computed_json()
+    )

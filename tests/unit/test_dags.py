@@ -99,18 +99,20 @@ def test_training_branches_to_one_backend_then_evaluates_and_gates(training):
 
 def test_screening_follows_new_data_and_new_champions_one_task_per_snapshot(screening, rollback):
     assert {t.task_id for t in screening.tasks} == {
-        "plan", "snapshots", "screen", "monitor", "request_retraining", "summary",
+        "plan", "snapshots", "choose_backend", "screen", "screening_pods", "screen_kubernetes", "screening_result",
+        "monitor", "request_retraining", "summary",
     }  # fmt: skip
     assert {
-        ("plan", "snapshots"), ("snapshots", "screen"), ("plan", "screen"), ("screen", "monitor"),
-        ("monitor", "request_retraining"), ("request_retraining", "summary"),
+        ("plan", "snapshots"), ("snapshots", "screen"), ("plan", "screen"), ("screen", "screening_result"),
+        ("screening_result", "monitor"), ("monitor", "request_retraining"), ("request_retraining", "summary"),
     } <= edges(screening)  # fmt: skip
+    assert screening.get_task("screen").is_mapped and screening.get_task("monitor").is_mapped
     assert [o.name for o in screening.get_task("request_retraining").outlets] == ["cloudscreen_drift"]
     assert screening.get_task("summary").trigger_rule == "none_failed"  # a skipped request is no failure
     condition = str(screening.timetable.asset_condition)
     assert "cloudscreen_training_data" in condition and "cloudscreen_champion" in condition
     assert screening.catchup is False
-    assert set(screening.params) == {"snapshot", "every_snapshot", "model"}
+    assert set(screening.params) == {"snapshot", "every_snapshot", "model", "backend"}
     assert screening.params["model"] == "models:/cloudscreen-classifier@champion"
     # A rollback from the UI moves the champion too, and says so on the same Asset.
     assert type(rollback.timetable).__name__ == "NullTimetable"  # manual only
@@ -273,6 +275,83 @@ def test_k8s_pod_template_in_docker_agrees_with_the_backend_settings():
     assert container["image"] == settings.image
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == str(settings.gpus)
     assert [t["key"] for t in spec["tolerations"]] == [t.key for t in settings.tolerations]
+
+
+def test_screening_branches_to_local_screens_or_gpu_pods_and_joins_either(screening):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    from tasks.lib.backends import ScreeningPlacement
+
+    graph = edges(screening)
+    # The branch picks the local screens, or the pods' arguments, which the pods (one per snapshot) follow.
+    assert {("choose_backend", "screen"), ("choose_backend", "screening_pods")} <= graph
+    assert ("choose_backend", "screen_kubernetes") not in graph
+    assert {("plan", "screening_pods"), ("screening_pods", "screen_kubernetes")} <= graph
+    pods = screening.get_task("screen_kubernetes")
+    assert pods.is_mapped and pods.operator_class is KubernetesPodOperator
+    assert set(pods.expand_input.value) == {"arguments"}
+    # Whichever backend ran, the other is skipped: the join must not need them both.
+    assert {("screen", "screening_result"), ("screen_kubernetes", "screening_result")} <= graph
+    assert screening.get_task("screening_result").trigger_rule == "none_failed_min_one_success"
+    form = screening.params.get_param("backend")
+    assert form.schema["enum"] == ["local", "kubernetes"]
+    assert form.value == load_section("screen", ScreeningPlacement).backend
+    branch = screening.get_task("choose_backend").python_callable
+    for backend, first in (("local", "screen"), ("kubernetes", "screening_pods")):
+        context = {"params": {"backend": backend}}
+        with mock.patch.dict(branch.__globals__, {"get_current_context": lambda context=context: context}):
+            assert branch() == first
+
+
+def rendered_screening_pod(screening, arguments: list[str]) -> dict:
+    """One mapped screening pod as the worker renders it: the operator unmapped with this snapshot's arguments."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import ApiClient
+
+    task = screening.get_task("screen_kubernetes").unmap({"arguments": arguments})
+    with mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False):
+        pod = task.build_pod_request_obj()
+    return ApiClient().sanitize_for_serialization(pod)
+
+
+def test_screening_pod_runs_tasks_screen_on_a_gpu_with_the_trainers_settings_and_validates(screening):
+    from tasks.lib.backends import POD_XCOM_FILE, screening_arguments
+
+    settings = load_section("backends", BackendsParams).kubernetes
+    arguments = screening_arguments(
+        snapshot="2026-11-16",
+        data_version="0" * 32 + ".dir",
+        model="models:/cloudscreen-classifier/3",
+        out="gs://cloudscreen/screened/2026-11-16",
+        data_dir=settings.data_dir,
+        xcom_out=POD_XCOM_FILE,
+    )
+    pod = rendered_screening_pod(screening, arguments)
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+    spec = pod["spec"]
+    (screener,) = [c for c in spec["containers"] if c["name"] == "base"]
+    assert screener["command"] == ["python", "-m", "tasks.screen"]  # not the image's entrypoint, which trains
+    assert screener["args"] == arguments
+    assert screener["image"] == settings.image
+    assert screener["resources"]["limits"]["nvidia.com/gpu"] == str(settings.gpus)
+    assert spec["nodeSelector"] == settings.node_selector
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["serviceAccountName"] == settings.service_account
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert pod["metadata"]["labels"]["app"] == "cloudscreen-screener"
+    env = {e["name"]: e for e in screener["env"]}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cloudscreen-mlflow"
+    assert env["CLOUDSCREEN_DAG_RUN_ID"]["value"] == "{{ run_id }}"
+    assert all("hostPath" not in v for v in spec["volumes"])
+    mounts = {m["mountPath"] for m in screener["volumeMounts"]}
+    assert {settings.data_dir, "/airflow/xcom"} <= mounts
+    task = screening.get_task("screen_kubernetes")
+    kwargs = task.partial_kwargs
+    assert kwargs["deferrable"] is True and kwargs["do_xcom_push"] is True
+    assert kwargs["on_finish_action"] == "delete_pod"
+    assert kwargs["pool"] == load_section("pipeline", PipelineParams).gpu_pool
+    assert task.doc_md and "GPU" in task.doc_md
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,7 @@ def test_the_k8s_files_are_the_ones_the_gpu_backend_needs():
         "mlflow-secret.example.yaml",
         "trainer-pod.yaml",
         "trainer-pod-spot.yaml",
+        "screen-pod.yaml",
         "serve-deployment.yaml",
         "serve-service.yaml",
         "serve-hpa.yaml",
@@ -153,6 +154,32 @@ def test_the_pod_machine_and_accelerator_are_priced_in_params(trainer):
 def test_the_pod_user_is_the_trainer_image_user(pod):
     user = _final_stage(DOCKER / "trainer.Dockerfile")["USER"][-1]
     assert user.split(":")[0] == str(pod["spec"]["securityContext"]["runAsUser"])
+
+
+def test_the_screen_pod_is_the_trainer_pod_running_tasks_screen_with_the_dags_arguments(pod, trainer):
+    """docker/k8s/screen-pod.yaml (for kubectl and reviewers) says what cloudscreen_screening's kubernetes backend
+    runs: the trainer pod's image, GPU, node pool, identity and data volume, with `python -m tasks.screen` and the
+    arguments tasks.lib.backends gives each snapshot's pod."""
+    from tasks.lib.backends import POD_XCOM_FILE, BackendsParams, screening_arguments
+
+    settings = load_section("backends", BackendsParams).kubernetes
+    (screen_pod,) = _resources(K8S / "screen-pod.yaml")
+    (screener,) = screen_pod["spec"]["containers"]
+    assert screener["name"] == "base"
+    assert screener["command"] == ["python", "-m", "tasks.screen"]
+    assert screener["args"] == screening_arguments(
+        snapshot="2026-11-16",
+        data_version="0123456789abcdef0123456789abcdef.dir",
+        model="models:/cloudscreen-classifier/3",
+        out="gs://cloudscreen/screened/2026-11-16",
+        data_dir=settings.data_dir,
+        xcom_out=POD_XCOM_FILE,
+    )
+    for key in ("serviceAccountName", "nodeSelector", "tolerations", "securityContext", "volumes", "restartPolicy"):
+        assert screen_pod["spec"][key] == pod["spec"][key], key
+    for key in ("image", "resources", "volumeMounts", "securityContext"):
+        assert screener[key] == trainer[key], key
+    assert screen_pod["metadata"]["namespace"] == pod["metadata"]["namespace"]
 
 
 def test_the_service_account_is_bound_to_the_trainer_gsa_by_workload_identity():

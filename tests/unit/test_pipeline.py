@@ -18,6 +18,7 @@ from tasks.lib.pipeline import (
     PipelineParams,
     Run,
     download_step,
+    screening_pods,
     snapshot_key,
     task_defaults,
     training_data,
@@ -173,6 +174,25 @@ def test_unknown_snapshot_missing_set_and_no_data_are_clear_errors(run_in):
         training_data(run, snapshot="2026-11-09", dataset="small")
     with pytest.raises(PipelineError, match="no 'large' set"):
         training_data(run, dataset="large")
+
+
+def test_each_screening_pod_restores_its_snapshots_data_version_and_writes_to_the_store(run_in):
+    run = run_in("manual__1", "screen.store=gs://bucket/screened/")
+    record(run, "2026-11-02", "2026-11-02T00:00:00+00:00", "a" * 32 + ".dir")
+    record(run, "2026-11-16", "2026-11-16T00:00:00+00:00", "b" * 32 + ".dir")
+    plan = {"model": "models:/m/3", "snapshots": ["2026-11-16", "2026-11-02"]}
+    pods = [dict(zip(args[::2], args[1::2], strict=True)) for args in screening_pods(run, plan=plan)]
+    assert [(p["--snapshot"], p["--data-version"], p["--out"]) for p in pods] == [
+        ("2026-11-16", "b" * 32 + ".dir", "gs://bucket/screened/2026-11-16"),
+        ("2026-11-02", "a" * 32 + ".dir", "gs://bucket/screened/2026-11-02"),
+    ]
+    assert all(p["--model"] == "models:/m/3" and p["--restore-data"] == "/data" for p in pods)
+    with pytest.raises(PipelineError, match="2026-11-09"):
+        screening_pods(run, plan={**plan, "snapshots": ["2026-11-09"]})
+    no_store = Run(snapshot="s", params_path=write_params(run.params_path, f"pipeline.data_root={run.data_root}",
+                                                          "screen.store=null"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"screen\.store is null"):
+        screening_pods(no_store, plan=plan)
 
 
 # --- download: one archive per interval ----------------------------------------------------------------------------
