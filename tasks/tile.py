@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,24 +73,32 @@ class TileResult:
 def _read_metadata_batch(folders: list[str], known: dict[str, list[Any]]) -> pd.DataFrame:
     """One partition of metadata.parquet: the JSON files of `folders`, plus columns the driver already knows
     (official list memberships, season, country) in the same order."""
-    rows = []
+    records = []
     for folder in folders:
         patch_id = Path(folder).name
-        data = json.loads((Path(folder) / ben.metadata_file(patch_id)).read_bytes())
-        coords = data["coordinates"]
-        rows.append(
-            {
-                "patch_id": patch_id,
-                "labels": list(data["labels"]),
-                "acquisition_date": data["acquisition_date"],
-                "tile_source": data["tile_source"],
-                "ulx": float(coords["ulx"]),
-                "uly": float(coords["uly"]),
-                "lrx": float(coords["lrx"]),
-                "lry": float(coords["lry"]),
-            }
-        )
-    frame = pd.DataFrame(rows, columns=list(_JSON_COLUMNS))
+        records.append(metadata_record(patch_id, (Path(folder) / ben.metadata_file(patch_id)).read_bytes()))
+    return metadata_frame(records, known)
+
+
+def metadata_record(patch_id: str, raw: bytes) -> dict[str, Any]:
+    """The metadata.parquet fields of one patch from its `_labels_metadata.json` bytes (a validated file)."""
+    data = json.loads(raw)
+    coords = data["coordinates"]
+    return {
+        "patch_id": patch_id,
+        "labels": list(data["labels"]),
+        "acquisition_date": data["acquisition_date"],
+        "tile_source": data["tile_source"],
+        "ulx": float(coords["ulx"]),
+        "uly": float(coords["uly"]),
+        "lrx": float(coords["lrx"]),
+        "lry": float(coords["lry"]),
+    }
+
+
+def metadata_frame(records: list[dict[str, Any]], known: dict[str, list[Any]]) -> pd.DataFrame:
+    """One partition of metadata.parquet from `metadata_record`s and the driver's columns (same order)."""
+    frame = pd.DataFrame(records, columns=list(_JSON_COLUMNS))
     for column, values in known.items():
         frame[column] = pd.Series(values, dtype=_KNOWN_COLUMNS[column], index=frame.index)
     return frame
@@ -127,6 +135,24 @@ def _metadata_schema() -> Any:
     )
 
 
+def metadata_parquet(read_batch: Callable[..., pd.DataFrame], batches: list[Any], path: Path) -> Any:
+    """The uncomputed write of metadata.parquet: one partition per batch, `read_batch(batch, known)` each, where
+    `known` holds the batch's official-list and name-table columns (a batch is a list of folders, or of records
+    whose first key is the patch id). Workers write the partitions themselves: no driver holds the whole table."""
+    import dask
+    import dask.dataframe as dd
+
+    known = [_known_columns([_batch_patch_id(item) for item in batch]) for batch in batches]
+    # Without convert-string off, dask would turn the label lists into strings.
+    with dask.config.set({"dataframe.convert-string": False}):
+        metadata = dd.from_map(read_batch, batches, known, meta={**_JSON_COLUMNS, **_KNOWN_COLUMNS})
+        return metadata.to_parquet(path, write_index=False, schema=_metadata_schema(), compute=False)
+
+
+def _batch_patch_id(item: Any) -> str:
+    return item["patch_id"] if isinstance(item, dict) else Path(item).name
+
+
 def _known_columns(patch_ids: list[str]) -> dict[str, list[Any]]:
     """Columns from the official lists and the name table, for a batch of patches."""
     names = ben.name_table().reindex(patch_ids)
@@ -144,11 +170,16 @@ def _band_reader() -> BandReader:
 
 
 def _read_patch(folder: Path, channels: tuple[str, ...], out: np.ndarray) -> None:
-    """Fill `out` (PATCH_PX, PATCH_PX, C); coarser bands are repeated up to PATCH_PX (nearest neighbour keeps values
-    exact)."""
-    planes = np.empty((len(channels), PATCH_PX, PATCH_PX), dtype=DTYPE)
-    for c, band in enumerate(channels):
-        array = _band_reader().read(folder / ben.band_file(folder.name, band))
+    """Fill `out` (PATCH_PX, PATCH_PX, C) from the band files of `folder`."""
+    fill_patch([(folder / ben.band_file(folder.name, band)).read_bytes() for band in channels], out)
+
+
+def fill_patch(bands: Sequence[bytes], out: np.ndarray) -> None:
+    """Fill `out` (PATCH_PX, PATCH_PX, C) from the bytes of C band files in channel order; coarser bands are repeated
+    up to PATCH_PX (nearest neighbour keeps values exact)."""
+    planes = np.empty((len(bands), PATCH_PX, PATCH_PX), dtype=DTYPE)
+    for c, data in enumerate(bands):
+        array = _band_reader().decode(data)
         size = array.shape[0]
         # A (size, f, size, f) view of the plane takes each value f×f times without a temporary.
         planes[c].reshape(size, PATCH_PX // size, size, PATCH_PX // size)[...] = array[:, None, :, None]
@@ -224,10 +255,28 @@ def _write_shard(path: str, folders: list[str], cloud: list[bool], channels: tup
     for i, folder in enumerate(folders):
         _read_patch(Path(folder), channels, out=shard[i])
     shard.flush()
-    is_cloud = np.asarray(cloud, dtype=bool)
-    moments = {name: _Moments.of(shard, np.flatnonzero(is_cloud == flag)) for name, flag in CLASSES.items()}
+    moments = shard_moments(shard, cloud)
     del shard
     return moments
+
+
+def shard_moments(shard: np.ndarray, cloud: Sequence[bool]) -> dict[str, _Moments]:
+    """Per-class moments (CLASSES) of a shard's patches, `cloud` saying which are in the official cloud list."""
+    is_cloud = np.asarray(cloud, dtype=bool)
+    return {name: _Moments.of(shard, np.flatnonzero(is_cloud == flag)) for name, flag in CLASSES.items()}
+
+
+def merge_moments(parts: Iterable[dict[str, _Moments]], channels: int) -> dict[str, _Moments]:
+    """Per-class moments merged over shards (exact: the order does not matter)."""
+    moments = {name: _Moments(channels) for name in CLASSES}
+    for part in parts:
+        moments = {name: moments[name].merge(part[name]) for name in CLASSES}
+    return moments
+
+
+def patches_per_shard(params: TileParams, channels: int) -> int:
+    """Patches in every shard but the last: `shard_patches`, fewer when `shard_max_mb` says so."""
+    return max(1, min(params.shard_patches, params.shard_max_mb * 2**20 // patch_bytes(channels)))
 
 
 # --- the driver ---------------------------------------------------------------------------------------------------
@@ -299,6 +348,38 @@ def _stats(moments: dict[str, _Moments], channels: tuple[str, ...]) -> dict[str,
     }
 
 
+def write_tables(
+    out: Path,
+    *,
+    index: list[tuple[str, str, int]],
+    moments: dict[str, _Moments],
+    shard_names: list[str],
+    skipped: set[str],
+    params: TileParams,
+) -> None:
+    """index.parquet, stats.json and tiles.json (last) into `out`, once its shards and metadata are written.
+
+    Args:
+        index: (patch_id, shard, offset) of every tiled patch, in shard order.
+        moments: per class (CLASSES), merged over every shard.
+        skipped: the quarantined patches left out.
+    """
+    channels = CHANNELS[params.bands]
+    pd.DataFrame(index, columns=["patch_id", "shard", "offset"]).to_parquet(out / INDEX_FILE, index=False)
+    write_json(out / STATS_FILE, _stats(moments, channels))
+    manifest = {
+        "patches": len(index),
+        "channels": list(channels),
+        "channel_meaning": "red, green, blue" if params.bands == "rgb" else "Sentinel-2 bands in this order",
+        "dtype": DTYPE,
+        "shape_per_patch": [PATCH_PX, PATCH_PX, len(channels)],
+        "shards": shard_names,
+        "skipped_quarantined": sorted(skipped),
+        "params": params.model_dump(),
+    }
+    write_json(out / MANIFEST_FILE, manifest)
+
+
 def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = None) -> TileResult:
     """Tile every patch folder under `patches` not quarantined by `report` into `out` (replaced atomically).
 
@@ -319,12 +400,10 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
         return TileResult(out, manifest["patches"], len(manifest["shards"]), skipped=True)
     state.unlink(missing_ok=True)
 
-    per_shard = max(1, min(params.shard_patches, params.shard_max_mb * 2**20 // patch_bytes(len(channels))))
+    per_shard = patches_per_shard(params, len(channels))
     log.info("tiling %d patches (%d quarantined skipped) from %s into %s: bands %s, %d patches per shard",
              len(folders), len(skip), patches, out, "/".join(channels), per_shard)  # fmt: skip
 
-    import dask
-    import dask.dataframe as dd
     from distributed import as_completed
 
     with _dask_client(params.workers) as client, atomic_dir(out) as tmp:
@@ -332,14 +411,8 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
         # official list membership by name, not anything in the JSON files.
         batches = [[str(f) for f in folders[i : i + params.metadata_batch]]
                    for i in range(0, len(folders), params.metadata_batch)]  # fmt: skip
-        known = [_known_columns([Path(f).name for f in batch]) for batch in batches]
         # Workers write the partitions themselves: the driver never holds the whole table (590k rows at full scale).
-        # Without convert-string off, dask would turn the label lists into strings.
-        with dask.config.set({"dataframe.convert-string": False}):
-            metadata = dd.from_map(_read_metadata_batch, batches, known, meta={**_JSON_COLUMNS, **_KNOWN_COLUMNS})
-            metadata_future = client.compute(
-                metadata.to_parquet(tmp / METADATA_FILE, write_index=False, schema=_metadata_schema(), compute=False)
-            )
+        metadata_future = client.compute(metadata_parquet(_read_metadata_batch, batches, tmp / METADATA_FILE))
         clouds = ben.cloud_and_shadow_patches()
         (tmp / SHARD_DIR).mkdir()
         shard_names, sizes, index = [], {}, []
@@ -364,19 +437,7 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
             client.cancel([*sizes, metadata_future])  # don't leave the cluster busy with a failed run
             raise
 
-        pd.DataFrame(index, columns=["patch_id", "shard", "offset"]).to_parquet(tmp / INDEX_FILE, index=False)
-        write_json(tmp / STATS_FILE, _stats(moments, channels))
-        manifest = {
-            "patches": len(folders),
-            "channels": list(channels),
-            "channel_meaning": "red, green, blue" if params.bands == "rgb" else "Sentinel-2 bands in this order",
-            "dtype": DTYPE,
-            "shape_per_patch": [PATCH_PX, PATCH_PX, len(channels)],
-            "shards": shard_names,
-            "skipped_quarantined": sorted(skip),
-            "params": params.model_dump(),
-        }
-        write_json(tmp / MANIFEST_FILE, manifest)
+        write_tables(tmp, index=index, moments=moments, shard_names=shard_names, skipped=skip, params=params)
     write_json(
         state,
         {

@@ -7,11 +7,14 @@ fraction exceeds `max_bad_fraction` or a dataset-level expectation (such as the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from tasks.lib import bigearthnet as ben
 from tasks.lib import cli
+from tasks.lib.bands import BandReader
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ValidationFailedError
 from tasks.lib.files import atomic_dir, folders_fingerprint, write_json
@@ -81,16 +85,28 @@ class _PatchCheck:
 # --- per-patch checks (run in worker processes) -------------------------------------------------------------------
 
 
-def _check_band(path: Path, band: str, params: ValidateParams) -> tuple[np.ndarray | None, list[str]]:
-    if not path.exists():
-        return None, [f"band {band} missing ({path.name})"]
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) != 1:
-                return None, [f"band {band} has {len(tif.pages)} images, expected 1"]
-            array = tif.pages[0].asarray()
-    except Exception as exc:  # tifffile raises many types for damaged files; all mean "unreadable"
-        return None, [f"band {band} unreadable ({path.name}): {exc}"]
+@functools.cache
+def _band_reader() -> BandReader:
+    return BandReader()  # one per process: a layout tifffile has read once is then sliced straight from the bytes
+
+
+def _check_band(
+    data: bytes | None, name: str, band: str, params: ValidateParams
+) -> tuple[np.ndarray | None, list[str]]:
+    """The pixels of one band file's bytes (None: the file is absent) and what is wrong with them."""
+    if data is None:
+        return None, [f"band {band} missing ({name})"]
+    # A layout tifffile has already read here as one simple page gives the same pixels without a parse.
+    array = _band_reader().known(data)
+    if array is None:
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                if len(tif.pages) != 1:
+                    return None, [f"band {band} has {len(tif.pages)} images, expected 1"]
+                array = tif.pages[0].asarray()
+        except Exception as exc:  # tifffile raises many types for damaged files; all mean "unreadable"
+            return None, [f"band {band} unreadable ({name}): {exc}"]
+        _band_reader().learn(data)
     size = ben.BAND_SIZES[band]
     reasons = []
     if array.shape != (size, size):
@@ -114,45 +130,62 @@ def _check_band(path: Path, band: str, params: ValidateParams) -> tuple[np.ndarr
     return array, reasons
 
 
-def _metadata_row(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """Fields of `<patch>_labels_metadata.json` for the metadata table, and what is wrong with the file."""
-    if not path.exists():
-        return {}, [f"metadata missing ({path.name})"]
+def _metadata_row(raw: bytes | None, name: str) -> tuple[dict[str, Any], list[str]]:
+    """Fields of `<patch>_labels_metadata.json` (its bytes; None: absent) for the metadata table, and what is wrong
+    with the file."""
+    if raw is None:
+        return {}, [f"metadata missing ({name})"]
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        return {}, [f"metadata is not valid JSON ({path.name}): {exc}"]
+        return {}, [f"metadata is not valid JSON ({name}): {exc}"]
     if not isinstance(data, dict):
-        return {}, [f"metadata is not a JSON object ({path.name})"]
+        return {}, [f"metadata is not a JSON object ({name})"]
     reasons = []
     missing = sorted(ben.JSON_KEYS - data.keys())
     if missing:
-        reasons.append(f"metadata lacks {', '.join(missing)} ({path.name})")
+        reasons.append(f"metadata lacks {', '.join(missing)} ({name})")
     row: dict[str, Any] = {}
     labels = data.get("labels")
     if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
         row["labels"] = labels
     elif "labels" in data:
-        reasons.append(f"metadata labels is not a list of names ({path.name})")
+        reasons.append(f"metadata labels is not a list of names ({name})")
     coords = data.get("coordinates")
     if isinstance(coords, dict) and all(isinstance(coords.get(k), int | float) for k in _COORDINATE_KEYS):
         row.update({k: float(coords[k]) for k in _COORDINATE_KEYS})
     elif "coordinates" in data:
-        reasons.append(f"metadata coordinates lack numeric {'/'.join(_COORDINATE_KEYS)} ({path.name})")
+        reasons.append(f"metadata coordinates lack numeric {'/'.join(_COORDINATE_KEYS)} ({name})")
     for key in ("acquisition_date", "tile_source"):
         if isinstance(data.get(key), str):
             row[key] = data[key]
         elif key in data:
-            reasons.append(f"metadata {key} is not a string ({path.name})")
+            reasons.append(f"metadata {key} is not a string ({name})")
     return row, reasons
 
 
-def _check_patch(folder: Path, params: ValidateParams) -> _PatchCheck:
-    check = _PatchCheck(patch_id=folder.name)
+def expected_files(patch_id: str) -> list[str]:
+    """The names a patch folder must hold: its 12 bands (ben.BANDS order), then its metadata JSON."""
+    return [*(ben.band_file(patch_id, b) for b in ben.BANDS), ben.metadata_file(patch_id)]
+
+
+def check_patch_files(
+    patch_id: str, files: Mapping[str, bytes], entries: Iterable[str], params: ValidateParams
+) -> _PatchCheck:
+    """The raster and JSON checks of one patch from its files' bytes, wherever they come from (a folder on disk,
+    an archive stream).
+
+    Args:
+        patch_id: the folder's name.
+        files: name → bytes of the expected files that are present (absent ones are reported missing).
+        entries: the names of everything in the folder (files and sub-folders), for the unexpected-file list.
+    """
+    check = _PatchCheck(patch_id=patch_id)
     digest = hashlib.blake2b(digest_size=16)
     complete = True
     for band in ben.BANDS:
-        array, reasons = _check_band(folder / ben.band_file(folder.name, band), band, params)
+        name = ben.band_file(patch_id, band)
+        array, reasons = _check_band(files.get(name), name, band, params)
         check.reasons += reasons
         if array is None:
             complete = False
@@ -160,11 +193,17 @@ def _check_patch(folder: Path, params: ValidateParams) -> _PatchCheck:
             digest.update(array.tobytes())
     if complete:
         check.content_hash = digest.hexdigest()
-    check.row, reasons = _metadata_row(folder / ben.metadata_file(folder.name))
+    name = ben.metadata_file(patch_id)
+    check.row, reasons = _metadata_row(files.get(name), name)
     check.reasons += reasons
-    expected = {ben.band_file(folder.name, b) for b in ben.BANDS} | {ben.metadata_file(folder.name)}
-    check.unexpected_files = sorted(p.name for p in folder.iterdir() if p.name not in expected)
+    expected = set(expected_files(patch_id))
+    check.unexpected_files = sorted(e for e in entries if e not in expected)
     return check
+
+
+def _check_patch(folder: Path, params: ValidateParams) -> _PatchCheck:
+    files = {name: (folder / name).read_bytes() for name in expected_files(folder.name) if (folder / name).is_file()}
+    return check_patch_files(folder.name, files, [p.name for p in folder.iterdir()], params)
 
 
 # --- dataset checks -----------------------------------------------------------------------------------------------
@@ -323,7 +362,7 @@ def _patch_folders(root: Path) -> tuple[list[Path], list[str]]:
     return folders, [p.name for p in others]
 
 
-def _failure_summary(report: dict[str, Any]) -> str:
+def failure_summary(report: dict[str, Any]) -> str:
     problems = []
     if report["quarantined_fraction"] > report["max_bad_fraction"]:
         problems.append(
@@ -365,48 +404,68 @@ def validate(*, patches: Path, out: Path, params: ValidateParams) -> ValidationR
     else:
         checks = list(progress(map(check, folders)))
 
+    with atomic_dir(out) as tmp:
+        report = write_report(
+            checks,
+            ignored=ignored,
+            source={"root": str(patches.resolve()), "fingerprint": fingerprint},
+            out=tmp,
+            params=params,
+        )
+    log.info(
+        "validated %d patches: %d valid, %d quarantined (%.1f%%), suite %s; report %s",
+        report["checked"],
+        report["valid"],
+        len(report["quarantined"]),
+        100 * report["quarantined_fraction"],
+        "passed" if report["suite_success"] else "failed",
+        report_path,
+    )
+    return ValidationResult(report_path, report, skipped=False)
+
+
+def write_report(
+    checks: list[_PatchCheck], *, ignored: list[str], source: dict[str, str], out: Path, params: ValidateParams
+) -> dict[str, Any]:
+    """From the per-patch checks (sorted by patch id) to the report: duplicates, the Great Expectations Checkpoints
+    and Data Docs under `out/gx`, and `out/report.json`. `out` is a directory being built (it is not replaced here).
+
+    Args:
+        ignored: names of files beside the patch folders.
+        source: what was checked ({"root": ..., "fingerprint": ...}), recorded as the report's `input`.
+    """
     for copy, original in _duplicates(checks).items():
         next(c for c in checks if c.patch_id == copy).reasons.append(
             f"band data identical to {original} (duplicate patch)"
         )
     metadata, labels = _metadata_table(checks)
-    with atomic_dir(out) as tmp:
-        suite_success, expectations, gx_reasons = _run_great_expectations(
-            tmp, {"metadata": metadata, "labels": labels}, params
-        )
-        quarantined = []
-        for c in checks:
-            reasons = c.reasons + [r for r in gx_reasons.get(c.patch_id, []) if r not in c.reasons]
-            if reasons:
-                quarantined.append({"patch_id": c.patch_id, "reasons": reasons})
-        fraction = len(quarantined) / len(checks)
-        report = {
-            "checked": len(checks),
-            "valid": len(checks) - len(quarantined),
-            "quarantined": quarantined,
-            "suite_success": suite_success,
-            "data_docs": DATA_DOCS_INDEX,
-            "success": suite_success and fraction <= params.max_bad_fraction,
-            "quarantined_fraction": fraction,
-            "max_bad_fraction": params.max_bad_fraction,
-            "cloud_fraction": float(metadata["cloud"].mean()),
-            "expectations": expectations,
-            "unexpected_files": {c.patch_id: c.unexpected_files for c in checks if c.unexpected_files},
-            "ignored_files": ignored,
-            "input": {"root": str(patches.resolve()), "fingerprint": fingerprint},
-            "params": params.model_dump(),
-        }
-        write_json(tmp / REPORT_FILE, report)
-    log.info(
-        "validated %d patches: %d valid, %d quarantined (%.1f%%), suite %s; report %s",
-        report["checked"],
-        report["valid"],
-        len(quarantined),
-        100 * fraction,
-        "passed" if suite_success else "failed",
-        report_path,
+    suite_success, expectations, gx_reasons = _run_great_expectations(
+        out, {"metadata": metadata, "labels": labels}, params
     )
-    return ValidationResult(report_path, report, skipped=False)
+    quarantined = []
+    for c in checks:
+        reasons = c.reasons + [r for r in gx_reasons.get(c.patch_id, []) if r not in c.reasons]
+        if reasons:
+            quarantined.append({"patch_id": c.patch_id, "reasons": reasons})
+    fraction = len(quarantined) / len(checks)
+    report = {
+        "checked": len(checks),
+        "valid": len(checks) - len(quarantined),
+        "quarantined": quarantined,
+        "suite_success": suite_success,
+        "data_docs": DATA_DOCS_INDEX,
+        "success": suite_success and fraction <= params.max_bad_fraction,
+        "quarantined_fraction": fraction,
+        "max_bad_fraction": params.max_bad_fraction,
+        "cloud_fraction": float(metadata["cloud"].mean()),
+        "expectations": expectations,
+        "unexpected_files": {c.patch_id: c.unexpected_files for c in checks if c.unexpected_files},
+        "ignored_files": ignored,
+        "input": source,
+        "params": params.model_dump(),
+    }
+    write_json(out / REPORT_FILE, report)
+    return report
 
 
 def main() -> None:
@@ -425,7 +484,7 @@ def main() -> None:
         log.warning("quarantined %s: %s", item["patch_id"], "; ".join(item["reasons"]))
     if not result.success:
         raise ValidationFailedError(
-            f"validation of {args.patches} failed: {_failure_summary(result.report)}; "
+            f"validation of {args.patches} failed: {failure_summary(result.report)}; "
             f"see {result.report_path} and {args.out / DATA_DOCS_INDEX}"
         )
     print(result.report_path)

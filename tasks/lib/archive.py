@@ -62,7 +62,7 @@ def extract(archive: Path, target: Path, compression: str) -> int:
         try:
             with tarfile.open(fileobj=reader, mode=mode) as tar:
                 while (member := tar.next()) is not None:
-                    problem = _member_problem(member)
+                    problem = member_problem(member)
                     if problem:
                         raise UnsafeArchiveError(f"{archive}: refusing member {member.name!r}: it {problem}")
                     # The data filter re-checks paths, links and modes: a second line of defence.
@@ -108,7 +108,7 @@ class _CountingReader:
         return data
 
 
-def _member_problem(member: tarfile.TarInfo) -> str | None:
+def member_problem(member: tarfile.TarInfo) -> str | None:
     """Why a member may not be extracted, or None. Only plain files and directories inside the target pass."""
     path = PurePosixPath(member.name)
     if member.name.startswith("/") or path.is_absolute():

@@ -27,16 +27,30 @@ class BandReader:
         self._layouts: dict[bytes, tuple[int, tuple[int, int], np.dtype] | None] = {}
 
     def read(self, path: Path) -> np.ndarray:
-        data = path.read_bytes()
+        return self.decode(path.read_bytes())
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The pixels of one band file's bytes (a file on disk or a member of an archive stream)."""
+        array = self.known(data)
+        if array is None:
+            array = tifffile.imread(io.BytesIO(data))
+            self.learn(data)
+        return array
+
+    def known(self, data: bytes) -> np.ndarray | None:
+        """The pixels, sliced from the bytes, when their layout is a learnt simple one; else None (use tifffile)."""
         key = _layout_key(data)
         layout = self._layouts.get(key) if key is not None else None
         if layout is None:
-            array = tifffile.imread(io.BytesIO(data))
-            if key is not None and key not in self._layouts:
-                self._layouts[key] = _contiguous_layout(data)
-            return array
+            return None
         start, shape, dtype = layout
         return np.frombuffer(data, dtype=dtype, count=shape[0] * shape[1], offset=start).reshape(shape)
+
+    def learn(self, data: bytes) -> None:
+        """Remember the layout of `data`, a file tifffile has just read without error."""
+        key = _layout_key(data)
+        if key is not None and key not in self._layouts:
+            self._layouts[key] = _contiguous_layout(data)
 
 
 def _layout_key(data: bytes) -> bytes | None:

@@ -13,6 +13,7 @@ def test_every_section_of_params_yaml_loads_into_its_model():
     from tasks.baseline import BaselineParams
     from tasks.download import DownloadParams
     from tasks.evaluate import EvaluateParams
+    from tasks.ingest import IngestParams
     from tasks.lib.backends import BackendsParams
     from tasks.lib.gate_rules import GateParams
     from tasks.lib.model import ModelParams
@@ -29,6 +30,7 @@ def test_every_section_of_params_yaml_loads_into_its_model():
     models = {
         "mirror": MirrorParams,
         "download": DownloadParams,
+        "ingest": IngestParams,
         "validate": ValidateParams,
         "tile": TileParams,
         "sample": SampleParams,

@@ -1,0 +1,301 @@
+"""Streaming ingest benchmark (issue 16): tasks.ingest against its limits and against today's path, in one run.
+
+    python -m bench.ingest_full [--patches 5000] [--large 50000] [--small 5000] [--repeats 2] [--work DIR]
+
+On one mirror of --patches patches (tasks.mirror, seed 1):
+- limits, single process each: (a) `gzip -dc ARCHIVE > /dev/null`; (b) every band of every patch decoded from
+  memory (bytes read beforehand) by the project's reader, tasks.lib.bands.BandReader;
+- the stream: `python -m tasks.ingest` (whole command line) and the same in-process (driver and worker CPU time);
+- today's path: `python -m tasks.download`, then `tasks.validate`, then `tasks.tile --report`, whole command lines;
+  the two paths alternate --repeats times and the best of each is kept (interference only ever slows a run down);
+- peak disk of each path (allocated blocks, sampled) over archive + its final outputs.
+Then peak memory (process tree) of the stream's command line at --large over --small patches; the gzip ratio of
+the 6 real example patches against the mirror's; and the full 590,326-patch time projected from per-core rates.
+Prints a markdown table; the 1-minute load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.measure import run_measured
+from tasks.download import DownloadParams
+from tasks.ingest import IngestParams, ingest
+from tasks.lib import bigearthnet as ben
+from tasks.lib.bands import BandReader
+from tasks.lib.checksums import Checksum
+from tasks.lib.config import load_section
+from tasks.mirror import MirrorParams, build_mirror
+from tasks.tile import TileParams
+from tasks.validate import ValidateParams
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_PATCHES = 590_326
+FULL_ARCHIVE_BYTES = 66e9  # the official BigEarthNet-v1.0.tar.gz, as the issue gives it
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _allocated(root: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed while walking
+                total += (Path(folder) / name).lstat().st_blocks * 512
+    return total
+
+
+@contextmanager
+def _disk_peak(root: Path, interval: float = 0.3) -> Iterator[list[int]]:
+    """Sample the allocated bytes under `root` while the block runs; yields [peak]."""
+    peak, stop = [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _allocated(root))
+            stop.wait(interval)
+
+    sampler = threading.Thread(target=poll, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+        peak[0] = max(peak[0], _allocated(root))
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mirror(work: Path, patches: int):
+    params = load_section("mirror", MirrorParams, overrides=[f"mirror.patches={patches}", "mirror.seed=1"])
+    return build_mirror(out=work / "mirrors", params=params)
+
+
+def _gzip_dc(archive: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["gzip", "-dc", str(archive)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def _band_bytes(archive: Path) -> list[list[bytes]]:
+    """Every patch's 12 band files, in memory."""
+    patches: dict[str, list[bytes]] = {}
+    with tarfile.open(archive, "r|gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".tif"):
+                patches.setdefault(Path(member.name).parent.name, []).append(tar.extractfile(member).read())
+            tar.members.clear()
+    return list(patches.values())
+
+
+def _decode_all(bands: list[list[bytes]]) -> float:
+    reader = BandReader()
+    start = time.perf_counter()
+    for patch in bands:
+        for data in patch:
+            reader.decode(data)
+    return time.perf_counter() - start
+
+
+def _cli(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"tasks.{module}", *args]
+
+
+def _today(archive: Path, sha256: str, out: Path) -> tuple[float, float, int, int, dict[str, float]]:
+    """download → validate → tile as command lines; wall, CPU, peak and final disk, CPU per phase."""
+    raw, validated, tiles = out / "raw", out / "validated", out / "tiles"
+    walls, cpus = {}, {}
+    with _disk_peak(out) as peak:
+        for phase, command in (
+            ("download", _cli("download", "--url", str(archive), "--sha256", sha256, "--dest", str(raw))),
+            ("validate", None),
+            ("tile", None),
+        ):
+            if phase == "validate":
+                root = next(p for p in (raw / "extracted").iterdir() if p.is_dir())
+                command = _cli("validate", "--patches", str(root), "--out", str(validated))
+            elif phase == "tile":
+                command = _cli("tile", "--patches", str(root), "--out", str(tiles), "--report",
+                               str(validated / "report.json"))  # fmt: skip
+            before = _children_cpu()
+            walls[phase] = run_measured(command).seconds
+            cpus[phase] = _children_cpu() - before
+    final = _allocated(validated) + _allocated(tiles)
+    return sum(walls.values()), sum(cpus.values()), peak[0], final, cpus
+
+
+def _stream_cli(archive: Path, sha256: str, out: Path) -> tuple[float, int, int, int]:
+    """The stream's command line: wall, peak memory of its process tree, peak and final disk under `out`."""
+    with _disk_peak(out) as peak:
+        measured = run_measured(_cli("ingest", "--url", str(archive), "--sha256", sha256, "--out", str(out)))
+    return measured.seconds, measured.peak_rss_bytes, peak[0], _allocated(out)
+
+
+def _stream_in_process(archive: Path, sha256: str, out: Path) -> tuple[float, float, float]:
+    """ingest() in this process: wall, driver CPU, worker CPU."""
+    wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+    ingest(
+        url=str(archive),
+        checksum=Checksum("sha256", sha256),
+        out=out,
+        params=load_section("ingest", IngestParams),
+        validate_params=load_section("validate", ValidateParams),
+        tile_params=load_section("tile", TileParams),
+        download_params=load_section("download", DownloadParams),
+    )
+    return time.perf_counter() - wall, time.process_time() - cpu, _children_cpu() - children
+
+
+def _tar_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _gzip_ratios(mirror_archive: Path) -> dict[str, float]:
+    """Compressed / uncompressed tar bytes: the 6 real patches and 6 of the mirror's synthesized ones."""
+    real: dict[str, bytes] = {}
+    with tarfile.open(ben.example_archive(), "r:bz2") as tar:
+        for member in tar:
+            if member.isfile():
+                real[member.name] = tar.extractfile(member).read()
+    real_ids = {Path(n).parent.name for n in real}
+    synthesized: dict[str, bytes] = {}
+    with tarfile.open(mirror_archive, "r|gz") as tar:
+        for member in tar:
+            folder = Path(member.name).parent.name
+            if member.isfile() and folder not in real_ids:
+                if len({Path(n).parent.name for n in synthesized} | {folder}) > 6:
+                    break
+                synthesized[member.name] = tar.extractfile(member).read()
+    ratios = {}
+    for name, files in (("real", real), ("mirror", synthesized)):
+        raw = _tar_of(files)
+        for level in (1, 6):
+            ratios[f"{name} level {level}"] = len(gzip.compress(raw, compresslevel=level)) / len(raw)
+        ratios[f"{name} bytes per patch"] = len(raw) / 6
+    return ratios
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--patches", type=int, default=5000, help="mirror size for throughput and disk")
+    p.add_argument("--large", type=int, default=50000, help="memory ratio: this size over --small (0: skip)")
+    p.add_argument("--small", type=int, default=5000)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--work", type=Path, default=REPO / ".local" / "bench-ingest-full")
+    args = p.parse_args()
+    load_start = _load()
+    print(f"ingest_full: 1-minute load average at start {load_start:.2f}", flush=True)
+    mirror = _mirror(args.work, args.patches)
+    archive, sha256 = mirror.archive, mirror.sha256
+    n = len(mirror.patch_ids)
+    runs = args.work / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    size = archive.stat().st_size
+    try:
+        gzip_dc = min(_gzip_dc(archive) for _ in range(args.repeats))
+        bands = _band_bytes(archive)
+        decode = min(_decode_all(bands) for _ in range(args.repeats))
+        del bands
+
+        today, stream = [], []
+        for r in range(args.repeats):
+            today.append(_today(archive, sha256, runs / f"today-{r}"))
+            shutil.rmtree(runs / f"today-{r}")
+            stream.append(_stream_cli(archive, sha256, runs / f"stream-{r}" / "out"))
+            shutil.rmtree(runs / f"stream-{r}")
+        inproc = _stream_in_process(archive, sha256, runs / "inproc")
+        shutil.rmtree(runs / "inproc")
+        best_today = min(today, key=lambda t: t[0])
+        best_stream = min(stream, key=lambda s: s[0])
+
+        memory = {}
+        if args.large:
+            for count in (args.small, args.large):
+                m = _mirror(args.work, count)
+                seconds, rss, _, _ = _stream_cli(m.archive, m.sha256, runs / f"mem-{count}" / "out")
+                memory[count] = (seconds, rss, len(m.patch_ids))
+                shutil.rmtree(runs / f"mem-{count}")
+        ratios = _gzip_ratios(archive)
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+
+    rate = lambda seconds: n / seconds  # noqa: E731
+    slower_limit = min(rate(gzip_dc), rate(decode))
+    wall, driver_cpu, worker_cpu = inproc
+    cores = os.cpu_count() or 1
+    # Per-core rates → this machine: the driver's work is serial; the rest spreads over the cores.
+    stream_proj = FULL_PATCHES * max(driver_cpu, (driver_cpu + worker_cpu) / cores) / n
+    today_cpu = best_today[4]
+    today_proj = FULL_PATCHES * (today_cpu["download"] + (today_cpu["validate"] + today_cpu["tile"]) / cores) / n
+    rows = [
+        ("patches (mirror, seed 1)", f"{n:,}; archive {size / 1e6:.0f} MB", ""),
+        ("(a) `gzip -dc` (1 process)", f"{rate(gzip_dc):,.0f} patches/s ({size / gzip_dc / 1e6:.0f} MB/s)", ""),
+        ("(b) every band decoded from memory, BandReader (1 process)", f"{rate(decode):,.0f} patches/s", ""),
+        ("stream, `python -m tasks.ingest` whole command line", f"{rate(best_stream[0]):,.0f} patches/s "
+         f"({best_stream[0]:.1f} s)", ""),
+        ("stream / slower of (a), (b)", f"{rate(best_stream[0]) / slower_limit:.2f}", "≥ 0.8"),
+        ("stream in-process: wall; CPU driver + workers", f"{wall:.1f} s; {driver_cpu:.1f} + {worker_cpu:.1f} s", ""),
+        ("in-process stream / slower of (a), (b)", f"{rate(wall) / slower_limit:.2f}", ""),
+        ("today: download + validate + tile command lines", f"{rate(best_today[0]):,.0f} patches/s "
+         f"({best_today[0]:.1f} s)", ""),
+        ("stream / today", f"{best_today[0] / best_stream[0]:.2f}", "≥ 2"),
+        ("peak disk / (archive + outputs), stream", f"{(size + best_stream[2]) / (size + best_stream[3]):.2f} "
+         f"({(size + best_stream[2]) / 1e6:.0f} / {(size + best_stream[3]) / 1e6:.0f} MB)", "1.0"),
+        ("peak disk / (archive + outputs), today", f"{(size + best_today[2]) / (size + best_today[3]):.2f} "
+         f"({(size + best_today[2]) / 1e6:.0f} / {(size + best_today[3]) / 1e6:.0f} MB)", ""),
+    ]  # fmt: skip
+    if memory:
+        (small_s, small_rss, small_n), (large_s, large_rss, large_n) = memory[args.small], memory[args.large]
+        marginal = (large_s - small_s) / (large_n - small_n)
+        rows += [
+            (f"peak memory, stream command line, {large_n:,} / {small_n:,} patches",
+             f"{large_rss / small_rss:.2f} ({large_rss / 2**20:,.0f} / {small_rss / 2**20:,.0f} MiB)", "≤ 1.2"),
+            (f"stream wall at {large_n:,} / {small_n:,}", f"{large_s:.0f} / {small_s:.0f} s "
+             f"(marginal {1 / marginal:,.0f} patches/s)", ""),
+            ("590,326 patches at that marginal rate", f"{FULL_PATCHES * marginal / 3600:.2f} h", ""),
+        ]  # fmt: skip
+    rows += [
+        (f"590,326 patches projected from per-core CPU ({cores} cores): stream", f"{stream_proj / 3600:.2f} h", ""),
+        ("... today's path (download serial; validate, tile over the cores)", f"{today_proj / 3600:.2f} h", ""),
+        ("gzip ratio, 6 real example patches, level 1 / 6", f"{ratios['real level 1']:.3f} / "
+         f"{ratios['real level 6']:.3f}", ""),
+        ("gzip ratio, 6 mirror patches, level 1 (the mirror's) / 6", f"{ratios['mirror level 1']:.3f} / "
+         f"{ratios['mirror level 6']:.3f}", ""),
+        ("official archive: 66 GB over 590,326 real patches' tar bytes",
+         f"{FULL_ARCHIVE_BYTES / (FULL_PATCHES * ratios['real bytes per patch']):.3f}", ""),
+    ]  # fmt: skip
+    print("\n| measurement | result | target |\n|---|---|---|")
+    for name, value, target in rows:
+        print(f"| {name} | {value} | {target} |")
+    print(f"\n1-minute load average: {load_start:.2f} at the start, {_load():.2f} at the end", flush=True)
+
+
+if __name__ == "__main__":
+    main()

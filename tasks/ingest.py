@@ -1,0 +1,629 @@
+"""Ingest a BigEarthNet-S2 archive as one stream: checksum, validation and tiles without an extracted tree.
+
+The archive is read once. Each patch folder goes from its tar members straight to validate's raster and JSON checks
+and tile's band decoding, in worker processes, while the main process inflates and parses the tar. Writes under OUT
+what download → validate → tile write for the same archive, byte for byte in the shards, index and stats:
+
+    validated/      report.json (quarantined patches with reasons) and the Great Expectations Data Docs
+    tiles/          band shards, index.parquet, metadata.parquet, stats.json, tiles.json
+    <archive>       only for http(s):// and gs:// sources: fetched and verified first, then streamed
+    ingest.json     the manifest, written last: its presence means the whole step completed
+
+Shards come out in patch-name order, as the tile step writes them, whatever the archive's order: each patch's
+channels are spooled into the shard files as they arrive and put in place once validation has said which patches
+stay (an in-place permutation), so no second copy of the tiles ever exists on disk.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import functools
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from tasks.download import DownloadParams, resolve_request
+from tasks.lib import bigearthnet as ben
+from tasks.lib import cli
+from tasks.lib.archive import compression_of
+from tasks.lib.archive_stream import StreamedFolder, StreamStats, stream_folders
+from tasks.lib.checksums import Checksum
+from tasks.lib.config import StepParams, load_section
+from tasks.lib.errors import ChecksumMismatchError, DownloadError, TilingError, ValidationFailedError
+from tasks.lib.files import atomic_dir, write_json
+from tasks.lib.outputs import completed, fingerprint
+from tasks.lib.tiles import (
+    CHANNELS,
+    DTYPE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    PATCH_PX,
+    SHARD_DIR,
+    create_shard,
+    patch_bytes,
+    shard_name,
+)
+from tasks.lib.transports import Source, byte_bar, fetch, parse_source
+from tasks.tile import (
+    TileParams,
+    fill_patch,
+    merge_moments,
+    metadata_frame,
+    metadata_parquet,
+    metadata_record,
+    patches_per_shard,
+    shard_moments,
+    write_tables,
+)
+from tasks.validate import (
+    DATA_DOCS_INDEX,
+    REPORT_FILE,
+    ValidateParams,
+    check_patch_files,
+    expected_files,
+    failure_summary,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+INGEST_MANIFEST = "ingest.json"
+VALIDATED_DIR = "validated"
+TILES_DIR = "tiles"
+
+
+class IngestParams(StepParams):
+    """The `ingest` section of params.yaml (the checks and tiles follow the `validate` and `tile` sections)."""
+
+    workers: int = Field(ge=1)
+    batch_patches: int = Field(ge=1)
+    in_flight: int = Field(ge=1)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    validated: Path  # holds report.json and the Data Docs
+    tiles: Path | None  # None when validation failed (nothing is tiled then)
+    report: dict[str, Any]
+    patches: int  # tiled
+    shards: int
+    skipped: bool  # an earlier run had already completed the same ingest
+
+    @property
+    def success(self) -> bool:
+        return bool(self.report["success"])
+
+
+@dataclass
+class _Streamed:
+    """What the stream left for validation and tiling."""
+
+    checks: list[Any] = field(default_factory=list)  # tasks.validate's per-patch checks
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # patch_id → metadata.parquet fields
+    rows: dict[str, int] = field(default_factory=dict)  # patch_id → spool row
+    stats: StreamStats = field(default_factory=StreamStats)
+
+
+class _Rejected(Exception):
+    """Validation failed: the report is published, nothing is tiled."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__("validation failed")
+        self.report = report
+
+
+def ingest(
+    *,
+    url: str,
+    checksum: Checksum,
+    out: Path,
+    params: IngestParams,
+    validate_params: ValidateParams,
+    tile_params: TileParams,
+    download_params: DownloadParams,
+) -> IngestResult:
+    """Stream the archive at `url` into `out/validated` and `out/tiles`, verified against `checksum`.
+
+    A local path or file:// URL is streamed where it is; an http(s):// or gs:// archive is fetched into `out` first
+    (resuming, verified) and then streamed. Nothing appears at the final paths before the stream has ended with the
+    expected digest. Re-running with the same archive name, checksum and params does nothing.
+
+    Returns:
+        The outputs; `success` is False (and `tiles` None) when validation failed: the report and Data Docs are
+        written then, for inspection.
+
+    Raises:
+        ChecksumMismatchError: the archive's bytes are not the expected ones (a fetched copy is discarded).
+        UnsafeArchiveError: a member has an absolute path or '..', or is a link, a device or a FIFO.
+        DownloadError: the source cannot be read, is not a tar archive of its type, or holds no patch folders.
+        SourceUnavailableError: fetching failed on every attempt in a way that may pass.
+        TilingError: every patch was quarantined.
+    """
+    src = parse_source(url)
+    compression = compression_of(src.name, src.url)
+    validated, tiles, manifest_path = out / VALIDATED_DIR, out / TILES_DIR, out / INGEST_MANIFEST
+    # As download's: the URL is left out, so the same archive from a mirror is the same ingest.
+    input_fingerprint = fingerprint(
+        src.name,
+        checksum.algorithm,
+        checksum.digest,
+        validate_params.model_dump_json(),
+        tile_params.model_dump_json(),
+    )
+    done = completed(
+        manifest_path,
+        input_fingerprint,
+        requires=(validated / REPORT_FILE, tiles / MANIFEST_FILE),
+        what=f"the ingest of {src.name}",
+    )
+    if done is not None:
+        return IngestResult(validated, tiles, _read_report(validated), done["patches"], done["shards"], skipped=True)
+    if out.exists() and not out.is_dir():
+        raise DownloadError(f"{out}: destination exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # "complete" must not outlive a rerun that fails half-way
+    _remove_leftovers(out)
+    archive = _local_archive(src, out, checksum, download_params)
+    channels = CHANNELS[tile_params.bands]
+    per_shard = patches_per_shard(tile_params, len(channels))
+    log.info(
+        "ingest %s into %s (%s %s): %d workers, bands %s, %d patches per shard",
+        src.url,
+        out,
+        checksum.algorithm,
+        checksum.digest,
+        params.workers,
+        "/".join(channels),
+        per_shard,
+    )
+
+    report: dict[str, Any]
+    with _runner(params.workers) as run, atomic_dir(validated) as vtmp:
+        try:
+            with atomic_dir(tiles) as ttmp:
+                spool = _Spool(ttmp, per_shard, len(channels))
+                streamed = _stream(archive, compression, checksum, spool, channels, run, params, validate_params)
+                if streamed.stats.digest != checksum.digest:
+                    if archive.parent == out:
+                        archive.unlink(missing_ok=True)  # a fetched copy: the next run fetches it again
+                    raise ChecksumMismatchError(
+                        f"{src.url}: {checksum.algorithm} mismatch: expected {checksum.digest}, "
+                        f"got {streamed.stats.digest}; nothing was written"
+                    )
+                report = write_report(
+                    sorted(streamed.checks, key=lambda c: c.patch_id),
+                    ignored=sorted(streamed.stats.stray_files),
+                    source={"archive": src.url, "root": streamed.stats.root, "fingerprint": input_fingerprint},
+                    out=vtmp,
+                    params=validate_params,
+                )
+                if not report["success"]:
+                    raise _Rejected(report)
+                tiled, shards = _write_tiles(ttmp, spool, streamed, report, run, tile_params)
+        except _Rejected:
+            tiled = shards = 0
+    if not report["success"]:
+        log.warning("validation of %s failed: %s; nothing tiled", src.url, failure_summary(report))
+        return IngestResult(validated, None, report, 0, 0, skipped=False)
+    write_json(
+        manifest_path,
+        {
+            "url": src.url,
+            "algorithm": checksum.algorithm,
+            "checksum": checksum.digest,
+            "archive": src.name,
+            "size": streamed.stats.compressed_bytes,
+            "members": streamed.stats.members,
+            "root": streamed.stats.root,
+            "checked": report["checked"],
+            "patches": tiled,
+            "shards": shards,
+            "validated": VALIDATED_DIR,
+            "tiles": TILES_DIR,
+            "input": {"fingerprint": input_fingerprint},
+        },
+    )
+    log.info(
+        "ingested %s: %d patches checked, %d quarantined, %d tiled into %d shards under %s",
+        src.url,
+        report["checked"],
+        len(report["quarantined"]),
+        tiled,
+        shards,
+        tiles,
+    )
+    return IngestResult(validated, tiles, report, tiled, shards, skipped=False)
+
+
+# --- the stream ---------------------------------------------------------------------------------------------------
+
+
+def _stream(
+    archive: Path,
+    compression: str,
+    checksum: Checksum,
+    spool: _Spool,
+    channels: tuple[str, ...],
+    run: _Runner,
+    params: IngestParams,
+    validate_params: ValidateParams,
+) -> _Streamed:
+    """Read the archive once; every folder is checked (and its channels spooled) by the workers, in batches."""
+    streamed = _Streamed()
+    patch_name = ben.PATCH_NAME_RE
+    work = functools.partial(_check_batch, spool=spool.where(), channels=channels, validate_params=validate_params)
+    pending: set[cf.Future] = set()
+    batch: list[tuple[str, dict[str, bytes], list[str], int]] = []
+
+    def collect(futures: set[cf.Future]) -> None:
+        for future in futures:
+            for check, record, row in future.result():
+                streamed.checks.append(check)
+                streamed.rows[check.patch_id] = row
+                if record is not None:
+                    streamed.records[check.patch_id] = record
+
+    def submit() -> None:
+        nonlocal pending
+        pending.add(run(work, batch))
+        if len(pending) >= params.workers * params.in_flight:
+            finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            collect(finished)
+
+    with byte_bar(archive.stat().st_size, 0, f"ingest {archive.name}") as bar:
+        folders: Iterator[StreamedFolder] = stream_folders(
+            archive,
+            compression,
+            algorithm=checksum.algorithm,
+            wanted=lambda name: set(expected_files(name)),
+            is_item=patch_name,
+            stats=streamed.stats,
+            progress=bar.update,
+        )
+        try:
+            for folder in folders:
+                batch.append((folder.name, folder.files, sorted(folder.entries), spool.add()))
+                if len(batch) >= params.batch_patches:
+                    submit()
+                    batch = []
+            if batch:
+                submit()
+            collect(pending)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    if not any(patch_name.fullmatch(c.patch_id) for c in streamed.checks):
+        raise DownloadError(f"{archive}: the archive holds no BigEarthNet patch folders")
+    return streamed
+
+
+def _check_batch(
+    batch: list[tuple[str, dict[str, bytes], list[str], int]],
+    *,
+    spool: _Where,
+    channels: tuple[str, ...],
+    validate_params: ValidateParams,
+) -> list[tuple[Any, dict[str, Any] | None, int]]:
+    """In a worker: validate's checks of each patch; a patch they pass has its channels written to its spool row and
+    its metadata.parquet fields returned (only such a patch can be tiled)."""
+    results = []
+    for patch_id, files, entries, row in batch:
+        check = check_patch_files(patch_id, files, entries, validate_params)
+        record = None
+        if not check.reasons:
+            pixels = np.empty((PATCH_PX, PATCH_PX, len(channels)), dtype=DTYPE)
+            fill_patch([files[ben.band_file(patch_id, band)] for band in channels], out=pixels)
+            with _RowFiles(spool, open_files=1) as rows:
+                rows.write(row, pixels.data)
+            record = metadata_record(patch_id, files[ben.metadata_file(patch_id)])
+        results.append((check, record, row))
+    return results
+
+
+# --- the spool: the shard files, filled in arrival order, then put in name order ----------------------------------
+
+
+class _Spool:
+    """Shard files of `per_shard` patches each (tasks.lib.tiles.create_shard), row r of the stream at file
+    r // per_shard, row r % per_shard. Created as the stream needs them, sparse until written, and written and read
+    with positioned I/O, not memory maps: mapped pages stay resident in whichever process touched them, so memory
+    would grow with the archive."""
+
+    def __init__(self, tiles: Path, per_shard: int, channels: int) -> None:
+        self.tiles = tiles
+        self.per_shard = per_shard
+        self.channels = channels
+        self.rows = 0
+        self.files = 0
+        (tiles / SHARD_DIR).mkdir()
+        self._new_file()
+        # The .npy header's length: the same in every spool file (same shape), known before any row is written.
+        self.data_offset = _data_offset(tiles / shard_name(0))
+
+    def where(self) -> _Where:
+        return _Where(str(self.tiles), self.per_shard, patch_bytes(self.channels), self.data_offset)
+
+    def add(self) -> int:
+        row = self.rows
+        self.rows += 1
+        if row // self.per_shard >= self.files:
+            self._new_file()
+        return row
+
+    def _new_file(self) -> None:
+        create_shard(self.tiles / shard_name(self.files), self.per_shard, self.channels)
+        self.files += 1
+
+    def arrange(self, destination: np.ndarray) -> None:
+        """Move the patch at row r to row destination[r], for every r (a permutation of the spooled rows), in place:
+        each cycle of the permutation is followed with one patch in hand."""
+        with _RowFiles(self.where()) as rows:
+            placed = np.zeros(len(destination), dtype=bool)
+            for start in range(len(destination)):
+                if placed[start]:
+                    continue
+                if destination[start] == start:
+                    placed[start] = True
+                    continue
+                i, carried = start, rows.read(start)
+                while True:
+                    j = int(destination[i])
+                    placed[j] = True
+                    if j == start:
+                        rows.write(start, carried)
+                        break
+                    displaced = rows.read(j)
+                    rows.write(j, carried)
+                    carried, i = displaced, j
+
+    def finish(self, patches: int) -> list[str]:
+        """Keep the shards `patches` patches fill: the last one rewritten at its own size, the rest removed."""
+        count = -(-patches // self.per_shard)
+        last_rows = patches - (count - 1) * self.per_shard
+        if last_rows < self.per_shard and not self._cut_in_place(count - 1, last_rows):
+            last = self.tiles / shard_name(count - 1)
+            rewritten = last.with_name(".last.npy")
+            create_shard(rewritten, last_rows, self.channels)
+            size = last_rows * patch_bytes(self.channels)
+            with last.open("rb") as src, rewritten.open("r+b") as dst:
+                src.seek(self.data_offset)
+                dst.seek(_data_offset(rewritten))
+                while size:
+                    chunk = src.read(min(size, 1 << 24))
+                    dst.write(chunk)
+                    size -= len(chunk)
+            rewritten.replace(last)
+        for k in range(count, self.files):
+            (self.tiles / shard_name(k)).unlink()
+        return [shard_name(k) for k in range(count)]
+
+    def _cut_in_place(self, number: int, rows: int) -> bool:
+        """Shorten spool file `number` to `rows` rows without a copy, when the .npy header numpy writes for the new
+        shape is as long as the old one (it is padded to a multiple of 64 bytes, so it nearly always is)."""
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
+                "fortran_order": False,
+                "shape": (rows, PATCH_PX, PATCH_PX, self.channels),
+            },
+        )
+        if len(header.getvalue()) != self.data_offset:
+            return False
+        path = self.tiles / shard_name(number)
+        with path.open("r+b") as f:
+            f.write(header.getvalue())
+            f.truncate(self.data_offset + rows * patch_bytes(self.channels))
+        return True
+
+
+@dataclass(frozen=True)
+class _Where:
+    """What a worker needs to address a spool row."""
+
+    tiles: str
+    per_shard: int
+    row_bytes: int
+    data_offset: int
+
+    def position(self, row: int) -> tuple[Path, int]:
+        return (
+            Path(self.tiles) / shard_name(row // self.per_shard),
+            self.data_offset + (row % self.per_shard) * self.row_bytes,
+        )
+
+
+class _RowFiles:
+    """Rows of the spool read and written in place, through a bounded set of open files."""
+
+    def __init__(self, where: _Where, open_files: int = 64) -> None:
+        self._where = where
+        self._open: dict[Path, int] = {}
+        self._limit = open_files
+
+    def __enter__(self) -> _RowFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._open.pop(path, None)
+        if fd is None:
+            if len(self._open) >= self._limit:
+                os.close(self._open.pop(next(iter(self._open))))
+            fd = os.open(path, os.O_RDWR)
+        self._open[path] = fd  # most recently used last
+        return fd
+
+    def read(self, row: int) -> bytes:
+        path, offset = self._where.position(row)
+        return os.pread(self._fd(path), self._where.row_bytes, offset)
+
+    def write(self, row: int, data: bytes | memoryview) -> None:
+        path, offset = self._where.position(row)
+        if os.pwrite(self._fd(path), data, offset) != self._where.row_bytes:
+            raise OSError(f"{path}: short write of spool row {row}")
+
+
+def _data_offset(path: Path) -> int:
+    with path.open("rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        read_header(f)
+        return f.tell()
+
+
+def _write_tiles(
+    tmp: Path, spool: _Spool, streamed: _Streamed, report: dict[str, Any], run: _Runner, params: TileParams
+) -> tuple[int, int]:
+    """The tiles directory of the patches validation kept, as tasks.tile writes it."""
+    skip = {q["patch_id"] for q in report["quarantined"]}
+    kept = sorted(c.patch_id for c in streamed.checks if c.patch_id not in skip)
+    if not kept:
+        raise TilingError(f"{tmp}: every patch was quarantined: nothing to tile")
+    destination = np.full(spool.rows, -1, dtype=np.int64)
+    for position, patch_id in enumerate(kept):
+        destination[streamed.rows[patch_id]] = position
+    dropped = np.flatnonzero(destination < 0)
+    destination[dropped] = np.arange(len(kept), spool.rows)
+    spool.arrange(destination)
+    shard_names = spool.finish(len(kept))
+
+    clouds = ben.cloud_and_shadow_patches()
+    groups = [kept[k * spool.per_shard : (k + 1) * spool.per_shard] for k in range(len(shard_names))]
+    futures = [
+        run(_shard_moments_of_file, str(tmp / name), [p in clouds for p in group])
+        for name, group in zip(shard_names, groups, strict=True)
+    ]
+    moments = merge_moments((f.result() for f in futures), spool.channels)
+    records = [streamed.records[p] for p in kept]
+    batches = [records[i : i + params.metadata_batch] for i in range(0, len(records), params.metadata_batch)]
+    metadata_parquet(metadata_frame, batches, tmp / METADATA_FILE).compute(scheduler="sync")
+    index = [(p, name, i) for name, group in zip(shard_names, groups, strict=True) for i, p in enumerate(group)]
+    write_tables(tmp, index=index, moments=moments, shard_names=shard_names, skipped=skip, params=params)
+    return len(kept), len(shard_names)
+
+
+def _shard_moments_of_file(path: str, cloud: list[bool]) -> dict[str, Any]:
+    return shard_moments(np.load(path, mmap_mode="r"), cloud)
+
+
+# --- where the work runs ------------------------------------------------------------------------------------------
+
+_Runner = Callable[..., cf.Future]
+
+
+@contextlib.contextmanager
+def _runner(workers: int) -> Iterator[_Runner]:
+    """Submit work to `workers` processes, or run it here at once with one worker (tests, debugging)."""
+    if workers == 1:
+
+        def inline(fn: Callable[..., Any], *args: Any) -> cf.Future:
+            future: cf.Future = cf.Future()
+            future.set_result(fn(*args))
+            return future
+
+        yield inline
+        return
+    with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        try:
+            yield pool.submit
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+
+
+def _local_archive(src: Source, out: Path, checksum: Checksum, params: DownloadParams) -> Path:
+    """The file to stream: a local source where it is; a remote one fetched (and verified) into `out` first."""
+    if src.kind == "file":
+        if src.path is None or not src.path.is_file():
+            raise DownloadError(f"{src.url}: no such file")
+        return src.path
+    archive = out / src.name
+    if not archive.is_file():  # an earlier run's verified copy is verified again as it streams
+        fetch(src, archive, checksum, params)
+    return archive
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary directories of a run that was killed (atomic_dir removes them on any error it sees): the spool of
+    a killed run can be as large as the tiles. One run per OUT at a time."""
+    for name in (VALIDATED_DIR, TILES_DIR):
+        for leftover in out.glob(f".{name}.*"):
+            if leftover.is_dir() and leftover.suffix in (".tmp", ".failed", ".stale"):
+                log.info("removing %s, left by an interrupted run", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _read_report(validated: Path) -> dict[str, Any]:
+    return json.loads((validated / REPORT_FILE).read_text())
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--url", required=True, help="http(s)://, gs://, file:// URL or local path of the archive")
+    p.add_argument("--out", type=Path, required=True, help="directory for validated/, tiles/ and the manifest")
+    check = p.add_mutually_exclusive_group(required=True)
+    check.add_argument("--sha256", metavar="HEX")
+    check.add_argument("--md5", metavar="HEX")
+    check.add_argument("--checksum-url", metavar="URL", help="a sha256sum/md5sum file or bare hex digest")
+    p.add_argument("--bands", choices=sorted(CHANNELS), help="rgb or all (default: params tile.bands)")
+    p.add_argument("--max-bad-fraction", type=float, help="fail above this quarantined share (default: params)")
+    args = p.parse_args()
+    cli.configure_logging(args.verbose)
+    overrides = list(args.overrides)
+    if args.bands:
+        overrides.append(f"tile.bands={args.bands}")
+    if args.max_bad_fraction is not None:
+        overrides.append(f"validate.max_bad_fraction={args.max_bad_fraction}")
+    download_params = load_section("download", DownloadParams, args.params, overrides)
+    url, checksum = resolve_request(
+        url=args.url,
+        source=None,
+        sha256=args.sha256,
+        md5=args.md5,
+        checksum_url=args.checksum_url,
+        params=download_params,
+    )
+    result = ingest(
+        url=url,
+        checksum=checksum,
+        out=args.out,
+        params=load_section("ingest", IngestParams, args.params, overrides),
+        validate_params=load_section("validate", ValidateParams, args.params, overrides),
+        tile_params=load_section("tile", TileParams, args.params, overrides),
+        download_params=download_params,
+    )
+    for item in result.report["quarantined"]:
+        log.warning("quarantined %s: %s", item["patch_id"], "; ".join(item["reasons"]))
+    if not result.success:
+        raise ValidationFailedError(
+            f"validation of {url} failed: {failure_summary(result.report)}; "
+            f"see {result.validated / REPORT_FILE} and {result.validated / DATA_DOCS_INDEX}"
+        )
+    print(result.tiles)
+
+
+if __name__ == "__main__":
+    cli.run(main)
