@@ -11,7 +11,8 @@ read from its lineage tag and restored from the DVC remote) and writes `DIR/moni
 - `ok`: neither.
 Each reason names the column, the statistic, its value and the threshold. Beside it: the features of both samples
 (`features.parquet`), the most drifted columns plotted, reference against new (`drift.png`), and on a drift or decay
-verdict Evidently's HTML report (`report.html`; `monitor.report: always` writes it every time). Each monitoring is an MLflow run in the `monitor` section's experiment.
+verdict Evidently's HTML report (`report.html`; `monitor.report: always` writes it every time). Each monitoring is
+an MLflow run in the `monitor` section's experiment.
 
 Input features come from a seeded sample of each snapshot (`sample_patches`), read a chunk at a time, so the cost
 does not grow with the snapshot. Scores: NEW's from --scores (tasks.screen's scores.parquet: every patch, so decay

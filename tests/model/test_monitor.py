@@ -33,7 +33,11 @@ def _store(tracking_uri):
 
 @pytest.fixture(scope="module")
 def params() -> MonitorParams:
-    return load_section("monitor", MonitorParams, overrides=["monitor.sample_patches=240"])
+    # 240 patches a side: sampling noise alone reaches about 0.17 there (bench/monitor.py), so the threshold measured
+    # for that size, not params.yaml's for 2,000.
+    return load_section(
+        "monitor", MonitorParams, overrides=["monitor.sample_patches=240", "monitor.numerical.threshold=0.2"]
+    )
 
 
 @pytest.fixture(scope="module")
