@@ -114,14 +114,6 @@ class _Streamed:
     stats: StreamStats = field(default_factory=StreamStats)
 
 
-class _Rejected(Exception):
-    """Validation failed: the report is published, nothing is tiled."""
-
-    def __init__(self, report: dict[str, Any]) -> None:
-        super().__init__("validation failed")
-        self.report = report
-
-
 def ingest(
     *,
     url: str,
@@ -208,9 +200,9 @@ def ingest(
                     params=validate_params,
                 )
                 if not report["success"]:
-                    raise _Rejected(report)
+                    raise ValidationFailedError(failure_summary(report))  # leaves tiles/ unpublished
                 tiled, shards = _write_tiles(ttmp, spool, streamed, report, run, tile_params)
-        except _Rejected:
+        except ValidationFailedError:  # the report is published, nothing is tiled
             tiled = shards = 0
     if not report["success"]:
         log.warning("validation of %s failed: %s; nothing tiled", src.url, failure_summary(report))
