@@ -57,6 +57,7 @@ from tasks.lib.outputs import completed, fingerprint
 from tasks.lib.remote_outputs import RemoteOutput, is_remote
 from tasks.lib.scoring import DEFAULT_MODEL, ModelVersion, Scorer, load_scorer, resolve_version
 from tasks.lib.tiles import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, RGB_CHANNELS, PatchReader
+from tasks.lib.tiles import channels as held_channels
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,10 @@ def _patch_table(tiles: Path, slice_columns: list[str]) -> pd.DataFrame:
 def _rgb_positions(tiles: Path) -> list[int] | None:
     """Where R, G, B sit among the shards' channels; None when the shards hold exactly R, G, B."""
     try:
-        channels = json.loads((tiles / MANIFEST_FILE).read_text())["channels"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ScreeningError(f"{tiles / MANIFEST_FILE}: unreadable tiles manifest ({exc})") from exc
-    if list(channels) == list(RGB_CHANNELS):
+        channels = held_channels(tiles)
+    except InputError as exc:
+        raise ScreeningError(str(exc)) from exc
+    if channels == list(RGB_CHANNELS):
         return None
     missing = [band for band in RGB_CHANNELS if band not in channels]
     if missing:
