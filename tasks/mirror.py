@@ -337,23 +337,31 @@ class _PixelShift:
 
 
 @functools.cache
-def _upsampler(cells: int, size: int) -> np.ndarray:
-    """Bilinear interpolation matrix from a (cells+1)² grid to size² pixels: U @ grid @ U.T."""
+@functools.cache
+def _bilinear_weights(cells: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of `size` pixels along an axis: the grid cell it falls in and the weights of its two corners."""
     pos = np.linspace(0, cells, size, dtype=np.float64)
     lo = np.minimum(pos.astype(int), cells - 1)
     frac = pos - lo
-    u = np.zeros((size, cells + 1), dtype=np.float32)
-    u[np.arange(size), lo] = 1 - frac
-    u[np.arange(size), lo + 1] = frac
-    return u
+    return lo, (1 - frac).astype(np.float32), frac.astype(np.float32)
+
+
+def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear interpolation of a (cells+1)² grid to size² pixels, one axis after the other.
+
+    Element-wise arithmetic only: a matrix product (BLAS) sums in an order that depends on the CPU's kernels, so the
+    same seed gave other bytes on AVX-512 machines than on AVX2 ones; each element-wise operation is rounded the same
+    everywhere."""
+    lo, left, right = _bilinear_weights(grid.shape[0] - 1, size)
+    rows = grid[lo] * left[:, None] + grid[lo + 1] * right[:, None]
+    return rows[:, lo] * left[None, :] + rows[:, lo + 1] * right[None, :]
 
 
 def _fractal_noise(rng: np.random.Generator, size: int = 120, octaves: tuple[int, ...] = (3, 6, 12, 30)) -> np.ndarray:
     """Smooth noise with detail at several scales, normalised to mean 0, std 1."""
     out = np.zeros((size, size), dtype=np.float32)
     for i, cells in enumerate(octaves):
-        u = _upsampler(cells, size)
-        out += (0.55**i) * (u @ rng.standard_normal((cells + 1, cells + 1)).astype(np.float32) @ u.T)
+        out += np.float32(0.55**i) * _upsample(rng.standard_normal((cells + 1, cells + 1)).astype(np.float32), size)
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
