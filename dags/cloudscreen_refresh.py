@@ -1,4 +1,5 @@
-"""cloudscreen_refresh: one snapshot of training data per interval — download → validate → tile → sample → version.
+"""cloudscreen_refresh: one snapshot of training data per interval — download → validate → tile (or ingest, the
+archive streamed through the same checks into the same tiles) → sample → version.
 
 Wiring only: each task calls one function of tasks.lib.pipeline, which calls the step's module in tasks/.
 """
@@ -17,6 +18,8 @@ TRAINING_DATA = Asset(**pipeline.TRAINING_DATA_ASSET)
 IO = pipeline.task_defaults(SETTINGS, io=True, timeout="io")
 # A permanent error (bad data, bad params, a rejected archive) fails the task at once; transient ones are retried.
 PERMANENT_FAILS = fail_fast(AirflowFailException)
+# The first task of each ingest path (what choose_ingest follows), and the task leaving the extract path's tiles.
+INGEST_TASKS = {"extract": "download", "stream": "ingest", "extract_tiles": "tile"}
 
 
 def _run() -> pipeline.Run:
@@ -55,6 +58,13 @@ def _run() -> pipeline.Run:
             description="A download.sources name (embedded, production) or an archive URL; {snapshot} in a URL "
             "becomes this run's snapshot key.",
         ),
+        "ingest": Param(
+            SETTINGS.ingest,
+            enum=list(pipeline.INGEST_PATHS),
+            description="extract: download and unpack the archive, then validate and tile the extracted patches "
+            "(kept for inspection) · stream: read the archive once straight into the same validated/ and tiles/, "
+            "no extracted tree (the full 66 GB archive).",
+        ),
         "checksum_url": Param(
             SETTINGS.checksum_url,
             type=["null", "string"],
@@ -80,6 +90,11 @@ The last task pushes the snapshot's tiles and samples to the DVC remote, writes 
 """,
 )
 def cloudscreen_refresh():
+    @task.branch
+    def choose_ingest() -> str:
+        """Follow the form's ingest path: extract (download → validate → tile) or stream (ingest)."""
+        return INGEST_TASKS[get_current_context()["params"]["ingest"]]
+
     @task(**IO)
     @PERMANENT_FAILS
     def download() -> xcoms.Fetched:
@@ -109,6 +124,28 @@ def cloudscreen_refresh():
         """
         return pipeline.tile_step(_run(), patches=fetched["patches"], report=validated["report"])
 
+    @task(**pipeline.task_defaults(SETTINGS, io=True, timeout="tile"))
+    @PERMANENT_FAILS
+    def ingest() -> xcoms.Ingested:
+        """Stream the snapshot's archive once (checksum verified as it streams) through validate's checks into
+        tile's shards: the same outputs as download → validate → tile, with no extracted tree. Fails past
+        `validate.max_bad_fraction` with the report and Data Docs written.
+
+        Output: `<data root>/ingested/<snapshot>/` (validated/: report.json and Data Docs; tiles/; ingest.json).
+        """
+        params = get_current_context()["params"]
+        return pipeline.ingest_step(_run(), source=params["source"], checksum_url=params["checksum_url"])
+
+    @task(trigger_rule="none_failed_min_one_success")
+    @PERMANENT_FAILS
+    def tiles() -> xcoms.Tiled:
+        """The snapshot's tiles, from whichever path ran."""
+        ti = get_current_context()["ti"]
+        return pipeline.tiles_result(
+            extracted=ti.xcom_pull(task_ids=INGEST_TASKS["extract_tiles"]),
+            streamed=ti.xcom_pull(task_ids=INGEST_TASKS["stream"]),
+        )
+
     @task
     @PERMANENT_FAILS
     def sample(tiled: xcoms.Tiled) -> xcoms.Sampled:
@@ -136,8 +173,11 @@ def cloudscreen_refresh():
         return record
 
     fetched = download()
-    validated = validate(fetched)
-    tiled = tile(fetched, validated)
+    extracted = tile(fetched, validate(fetched))
+    streamed = ingest()
+    choose_ingest() >> [fetched, streamed]
+    tiled = tiles()
+    [extracted, streamed] >> tiled
     version(tiled, sample(tiled))
 
 

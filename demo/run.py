@@ -186,10 +186,18 @@ def _short(path: str) -> str:
         return path
 
 
+def _fetched(fetched: dict | None) -> str:
+    if fetched is None:
+        return "streamed    into validated/ and tiles/ (pipeline.ingest: stream), nothing extracted"
+    return f"downloaded  {_short(fetched['patches'])}{'  (already there)' if fetched['skipped'] else ''}"
+
+
 def describe(outcome: DemoOutcome) -> str:
-    fetched = outcome.refresh.results["download"]
-    validated = outcome.refresh.results["validate"]
-    tiled = outcome.refresh.results["tile"]
+    results = outcome.refresh.results
+    # pipeline.ingest: extract (download → validate → tile) or stream (ingest: validated and tiled, nothing extracted)
+    fetched = results.get("download")
+    validated = results.get("validate") or results["ingest"]
+    tiled = results["tiles"]
     sampled = outcome.refresh.results["sample"]
     record = outcome.refresh.results["version"]
     summary = outcome.training.results["summary"]
@@ -203,8 +211,8 @@ def describe(outcome: DemoOutcome) -> str:
     return f"""
 cloudscreen demo — {timing}
   refresh     cloudscreen_refresh run {outcome.refresh.run_id}: {outcome.refresh.state}, snapshot {record["snapshot"]!r}
-  served at   {fetched["url"]}
-  downloaded  {_short(fetched["patches"])}{"  (already there)" if fetched["skipped"] else ""}
+  served at   {validated.get("url") or fetched["url"]}
+  {_fetched(fetched)}
   validated   {validated["checked"]} checked, {validated["valid"]} valid, {validated["quarantined"]} quarantined
   Data Docs   file://{validated["data_docs"]}
   tiles       {_short(tiled["tiles"])}  ({tiled["patches"]} patches in {tiled["shards"]} shards)

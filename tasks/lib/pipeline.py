@@ -6,6 +6,7 @@ logical date, manual and asset-triggered runs their run id. A step reads the pre
 and writes its own under `data_root`:
 
     raw/<snapshot>/  validated/<snapshot>/  tiles/<snapshot>/  samples/<snapshot>/<set>/  versions/<snapshot>/
+    ingested/<snapshot>/{validated,tiles}/  the same, when the refresh streams the archive (pipeline.ingest: stream)
     snapshots/<snapshot>.json   the refresh's record: data version, manifests, tiles (what training is pinned to)
     screened/<snapshot>/<version>/  the snapshot screened by one model version (tasks.screen)
     monitored/<snapshot>/<version>/ the snapshot against that version's training data (tasks.monitor)
@@ -47,6 +48,7 @@ RETRAIN_ON = ("every_snapshot", "drift")
 TAG_TRIGGER = "cloudscreen.trigger"  # on a training run: new_data, drift, schedule or manual
 TAG_TRIGGER_REASONS = "cloudscreen.trigger.reasons"
 BACKENDS = ("local", "docker", "kubernetes")
+INGEST_PATHS = ("extract", "stream")  # pipeline.ingest: the refresh DAG's two ways from archive to tiles
 SNAPSHOTS_DIR = "snapshots"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:+-]")  # what tasks.versioning accepts in a snapshot name
 
@@ -63,6 +65,7 @@ class PipelineParams(StepParams):
     data_root: Path
     source: str
     checksum_url: str | None = None
+    ingest: Literal[INGEST_PATHS]
     dataset: Literal["small", "large"]
     training_backend: Literal["local", "docker", "kubernetes"]
     start_date: dt.date
@@ -174,10 +177,10 @@ def resolve_data_root(params: PipelineParams, run: Run | None = None) -> Path:
 # --- refresh: download → validate → tile → sample → version -------------------------------------------------------
 
 
-def download_step(run: Run, *, source: str | None = None, checksum_url: str | None = None) -> xcoms.Fetched:
-    """Download the snapshot's archive. `source` is a download.sources name or a URL; `{snapshot}` in a URL (or in
-    the checksum URL) becomes the snapshot key, so each interval can fetch its own archive."""
-    from tasks.download import DownloadParams, download, resolve_request
+def _archive_request(run: Run, source: str | None, checksum_url: str | None) -> tuple[str, Any, Any]:
+    """(URL, checksum, download params) of the snapshot's archive. `source` is a download.sources name or a URL;
+    `{snapshot}` in a URL (or in the checksum URL) becomes the snapshot key, so each interval can fetch its own."""
+    from tasks.download import DownloadParams, resolve_request
 
     pipeline = run.load("pipeline", PipelineParams)
     params = run.load("download", DownloadParams)
@@ -191,8 +194,57 @@ def download_step(run: Run, *, source: str | None = None, checksum_url: str | No
         checksum_url=None if named else checksum_url,
         params=params,
     )
+    return url, checksum, params
+
+
+def download_step(run: Run, *, source: str | None = None, checksum_url: str | None = None) -> xcoms.Fetched:
+    """Download the snapshot's archive (see `_archive_request` for `source`) and extract it."""
+    from tasks.download import download
+
+    url, checksum, params = _archive_request(run, source, checksum_url)
     fetched = download(url=url, dest=run.dir("raw"), checksum=checksum, params=params)
     return xcoms.Fetched(url=url, patches=str(fetched.root), archive=str(fetched.archive), skipped=fetched.skipped)
+
+
+def ingest_step(run: Run, *, source: str | None = None, checksum_url: str | None = None) -> xcoms.Ingested:
+    """Stream the snapshot's archive once into validated/ and tiles/ (tasks.ingest): what download → validate → tile
+    write, without extracting it; fail (naming the report) when more than the allowed share is quarantined."""
+    from tasks.ingest import IngestParams, ingest
+    from tasks.tile import TileParams
+    from tasks.validate import DATA_DOCS_INDEX, REPORT_FILE, ValidateParams
+
+    url, checksum, params = _archive_request(run, source, checksum_url)
+    result = ingest(
+        url=url,
+        checksum=checksum,
+        out=run.dir("ingested"),
+        params=run.load("ingest", IngestParams),
+        validate_params=run.load("validate", ValidateParams),
+        tile_params=run.load("tile", TileParams),
+        download_params=params,
+    )
+    if not result.success or result.tiles is None:
+        raise PipelineError(_validation_failure(result.validated / REPORT_FILE, result.report))
+    report = result.report
+    return xcoms.Ingested(
+        url=url,
+        report=str(result.validated / REPORT_FILE),
+        data_docs=str(result.validated / DATA_DOCS_INDEX),
+        checked=report["checked"],
+        valid=report["valid"],
+        quarantined=len(report["quarantined"]),
+        tiles=str(result.tiles),
+        patches=result.patches,
+        shards=result.shards,
+        skipped=result.skipped,
+    )
+
+
+def _validation_failure(report_path: Path, report: dict[str, Any]) -> str:
+    return (
+        f"{report_path}: validation failed ({len(report['quarantined'])} of {report['checked']} patches "
+        f"quarantined; suite {'passed' if report['suite_success'] else 'failed'}); see its Data Docs"
+    )
 
 
 def validate_step(run: Run, *, patches: str) -> xcoms.Validated:
@@ -202,10 +254,7 @@ def validate_step(run: Run, *, patches: str) -> xcoms.Validated:
     result = validate(patches=Path(patches), out=run.dir("validated"), params=run.load("validate", ValidateParams))
     report = result.report
     if not result.success:
-        raise PipelineError(
-            f"{result.report_path}: validation failed ({len(report['quarantined'])} of {report['checked']} patches "
-            f"quarantined; suite {'passed' if report['suite_success'] else 'failed'}); see its Data Docs"
-        )
+        raise PipelineError(_validation_failure(result.report_path, report))
     return xcoms.Validated(
         report=str(result.report_path),
         data_docs=str(result.report_path.parent / DATA_DOCS_INDEX),
@@ -222,6 +271,17 @@ def tile_step(run: Run, *, patches: str, report: str) -> xcoms.Tiled:
 
     result = tile(patches=Path(patches), out=run.dir("tiles"), params=run.load("tile", TileParams), report=Path(report))
     return xcoms.Tiled(tiles=str(result.out), patches=result.patches, shards=result.shards, skipped=result.skipped)
+
+
+def tiles_result(*, extracted: xcoms.Tiled | None, streamed: xcoms.Ingested | None) -> xcoms.Tiled:
+    """The snapshot's tiles from whichever ingest path ran (the other was skipped)."""
+    if extracted:
+        return extracted
+    if streamed:
+        return xcoms.Tiled(
+            tiles=streamed["tiles"], patches=streamed["patches"], shards=streamed["shards"], skipped=streamed["skipped"]
+        )
+    raise PipelineError("neither the tile task nor the ingest task left tiles: which ingest path ran?")
 
 
 def sample_step(run: Run, *, tiles: str) -> xcoms.Sampled:

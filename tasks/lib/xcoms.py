@@ -48,6 +48,21 @@ class Tiled(TypedDict):
     skipped: bool
 
 
+class Ingested(TypedDict):
+    """ingest: the archive streamed into validated/ and tiles/ (validate's and tile's outputs, no extracted tree)."""
+
+    url: str
+    report: str
+    data_docs: str
+    checked: int
+    valid: int
+    quarantined: int
+    tiles: str
+    patches: int
+    shards: int
+    skipped: bool
+
+
 class SampledSet(TypedDict):
     """One dataset drawn by sample (small or large)."""
 

@@ -143,7 +143,9 @@ def trained(pipeline, refreshed):
 
 def test_refresh_writes_one_snapshot_and_records_its_data_version(pipeline, refreshed):
     assert refreshed["state"] == "success"
-    assert set(refreshed["task_states"].values()) == {"success"}
+    states = refreshed["task_states"]
+    assert states.pop("ingest") == "skipped"  # params.yaml's pipeline.ingest: extract
+    assert set(states.values()) == {"success"}
     record = refreshed["results"]["version"]
     snapshot = record["snapshot"]
     assert snapshot == refreshed["run_id"]  # a manual run is keyed by its run id
@@ -270,8 +272,9 @@ def test_screening_refuses_a_version_without_a_threshold(pipeline, refreshed, tr
 
 
 def test_a_snapshot_with_the_baseline_04_offset_is_drift_and_requests_retraining(pipeline, refreshed, trained):
-    """A refresh of the same patches with processing baseline 04.00's +1,000: the screening's monitoring says drift,
-    names the bands, emits the cloudscreen_drift Asset event and sends the alert."""
+    """A refresh of the same patches with processing baseline 04.00's +1,000, streamed (the refresh form's other
+    ingest path): the screening's monitoring says drift, names the bands, emits the cloudscreen_drift Asset event and
+    sends the alert."""
     shifted = build_mirror(
         out=pipeline.root / "shifted",
         params=load_section(
@@ -282,9 +285,17 @@ def test_a_snapshot_with_the_baseline_04_offset_is_drift_and_requests_retraining
     archive = shifted.archive
     refresh = pipeline.run(
         "cloudscreen_refresh",
-        {"snapshot": "offset", "source": f"file://{archive}", "checksum_url": f"file://{archive}.sha256"},
-    )
+        {"snapshot": "offset", "source": f"file://{archive}", "checksum_url": f"file://{archive}.sha256",
+         "ingest": "stream"},
+    )  # fmt: skip
     assert refresh["state"] == "success", refresh["task_states"]
+    states = refresh["task_states"]
+    assert {states[t] for t in ("download", "validate", "tile")} == {"skipped"} and states["ingest"] == "success"
+    tiles = Path(refresh["results"]["version"]["tiles"])
+    assert tiles == pipeline.data / "ingested" / "offset" / "tiles" and refresh["results"]["tiles"]["patches"] > 0
+    assert not (pipeline.data / "raw" / "offset").exists()  # nothing extracted
+    ingested = refresh["results"]["ingest"]
+    assert ingested["quarantined"] == 0 and Path(ingested["data_docs"]).is_file()
     screening = pipeline.run("cloudscreen_screening", {"snapshot": "offset"})
     assert screening["state"] == "success", screening["task_states"]
     monitored = screening["results"]["monitor"]

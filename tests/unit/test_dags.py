@@ -62,16 +62,24 @@ def test_every_dag_loads_without_import_errors(bag):
     }  # fmt: skip
 
 
-def test_refresh_chains_the_data_steps(refresh):
-    assert {t.task_id for t in refresh.tasks} == {"download", "validate", "tile", "sample", "version"}
+def test_refresh_chains_the_data_steps_by_either_ingest_path(refresh):
+    assert {t.task_id for t in refresh.tasks} == {
+        "choose_ingest", "download", "validate", "tile", "ingest", "tiles", "sample", "version"
+    }  # fmt: skip
     assert edges(refresh) == {
+        ("choose_ingest", "download"),  # extract: the steps one by one ...
+        ("choose_ingest", "ingest"),  # ... or stream: the archive read once into the same outputs
         ("download", "validate"),
         ("download", "tile"),  # the patches' folder comes from the download's result
         ("validate", "tile"),
-        ("tile", "sample"),
-        ("tile", "version"),
+        ("tile", "tiles"),
+        ("ingest", "tiles"),
+        ("tiles", "sample"),
+        ("tiles", "version"),
         ("sample", "version"),
     }
+    assert refresh.get_task("tiles").trigger_rule == "none_failed_min_one_success"  # one of the two paths is skipped
+    assert refresh.params["ingest"] == load_section("pipeline", PipelineParams).ingest
 
 
 def test_training_branches_to_one_backend_then_evaluates_and_gates(training):
@@ -142,7 +150,9 @@ def test_io_tasks_retry_with_exponential_backoff_and_everything_has_a_timeout(re
     for dag in (refresh, training, screening):
         for task in dag.tasks:
             assert task.execution_timeout is not None, task.task_id
-    assert refresh.get_task("tile").execution_timeout == dt.timedelta(minutes=settings.timeout_minutes["tile"])
+    for task_id in ("tile", "ingest"):
+        assert refresh.get_task(task_id).execution_timeout == dt.timedelta(minutes=settings.timeout_minutes["tile"])
+    assert refresh.get_task("ingest").retries == settings.retries  # it may fetch the archive first
 
 
 def test_permanent_errors_fail_every_python_task_without_retries(every_dag):
@@ -155,7 +165,7 @@ def test_permanent_errors_fail_every_python_task_without_retries(every_dag):
     for dag in every_dag:
         for task in dag.tasks:
             body = getattr(task, "python_callable", None)
-            if body is None or task.task_id == "choose_backend":  # the KPO runs an image; the branch only picks
+            if body is None or task.task_id.startswith("choose_"):  # the KPO runs an image; a branch only picks
                 continue
             assert hasattr(body, "__wrapped__"), f"{dag.dag_id}.{task.task_id} is not wrapped by fail_fast"
             assert inspect.getclosurevars(body).nonlocals["fail"] is AirflowFailException, task.task_id
