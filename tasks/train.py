@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -70,6 +71,8 @@ class TrainParams(StepParams):
     reduce_lr_patience: int = Field(ge=1)
     reduce_lr_factor: float = Field(gt=0, lt=1)
     min_learning_rate: float = Field(ge=0)
+    schedule: Literal["plateau", "cosine"]
+    warmup_epochs: int = Field(ge=0)
     augment: bool
     shuffle_buffer: int = Field(gt=0)
     class_weighting: Literal["auto", "none"]
@@ -99,6 +102,55 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     return {label: len(labels) / (2 * int(count)) for label, count in enumerate(counts)}
 
 
+def cosine_rate(epoch: int, planned: int, *, peak: float, floor: float, warmup: int) -> float:
+    """The learning rate of `epoch` (counted from 0): rising linearly to `peak` over `warmup` epochs, then down a
+    half cosine to `floor` at the last planned epoch, `planned - 1` (and `floor` after it)."""
+    if epoch < warmup:
+        return peak * (epoch + 1) / (warmup + 1)
+    progress = min((epoch - warmup) / max(planned - 1 - warmup, 1), 1.0)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def planned_epochs(epochs: int, *, done: int, seconds: float, budget: float | None, epoch_seconds: float) -> int:
+    """How many epochs training will run, for a schedule that must end annealed: `epochs`, or fewer when the budget
+    will stop it first. `done` epochs took `seconds` (over every attempt) and an epoch takes about `epoch_seconds`;
+    the epoch in progress when the budget runs out still finishes, so the count rounds up."""
+    if budget is None or epoch_seconds <= 0:
+        return epochs
+    more = max(math.ceil((budget - seconds) / epoch_seconds), 1)
+    return min(epochs, done + more)
+
+
+def _cosine_schedule(params: TrainParams, state: _RunState, budget: float | None) -> Any:
+    import keras
+
+    class CosineSchedule(keras.callbacks.Callback):
+        """Sets each epoch's learning rate on the cosine of `cosine_rate`, over the epochs training will run: with a
+        budget, those the budget allows at the pace of the epochs so far, so a slow machine anneals in its fewer
+        epochs instead of stopping at a high learning rate (a function of the committed state: a resumed run goes on
+        with the same rates)."""
+
+        def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+            self.durations: list[float] = []
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            # The pace of this attempt's epochs; a resumed attempt starts from the average of the earlier ones.
+            pace = float(np.median(self.durations)) if self.durations else state.seconds / epoch if epoch else 0.0
+            planned = planned_epochs(
+                params.epochs, done=epoch, seconds=state.seconds, budget=budget, epoch_seconds=pace
+            )
+            rate = cosine_rate(
+                epoch, planned, peak=params.learning_rate, floor=params.min_learning_rate, warmup=params.warmup_epochs
+            )
+            self.model.optimizer.learning_rate = rate
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.durations.append(time.perf_counter() - self.started)
+
+    return CosineSchedule()
+
+
 def _epoch_end(
     state: _RunState,
     *,
@@ -106,7 +158,7 @@ def _epoch_end(
     epochs: int,
     budget: float | None,
     early: Any,
-    reduce_lr: Any,
+    reduce_lr: Any | None,
     best_weights: list[Any] | None,
 ) -> Any:
     import keras
@@ -122,7 +174,7 @@ def _epoch_end(
         def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
             # Both callbacks reset their counters when fit starts: a resumed training carries on with the saved ones.
             for callback, name in ((early, "early_stopping"), (reduce_lr, "reduce_lr")):
-                for key, value in state.callbacks.get(name, {}).items():
+                for key, value in state.callbacks.get(name, {}).items() if callback else ():
                     setattr(callback, key, value)
             if best_weights is not None:
                 early.best_weights = best_weights
@@ -155,10 +207,11 @@ def _epoch_end(
                 log.info("budget reached after epoch %d (%.0f of %.0f s): stopping", epoch + 1, state.seconds, budget)
                 state.stopped_by = "budget"
                 self.model.stop_training = True
-            state.callbacks = {
-                "early_stopping": {k: _plain(getattr(early, k)) for k in ("wait", "best", "best_epoch")},
-                "reduce_lr": {k: _plain(getattr(reduce_lr, k)) for k in ("wait", "best", "cooldown_counter")},
-            }
+            state.callbacks = {"early_stopping": {k: _plain(getattr(early, k)) for k in ("wait", "best", "best_epoch")}}
+            if reduce_lr:
+                state.callbacks["reduce_lr"] = {
+                    k: _plain(getattr(reduce_lr, k)) for k in ("wait", "best", "cooldown_counter")
+                }
             state.weights = state.save_weights(self.model, f"epoch-{epoch + 1:05d}.weights.h5")
             state.last_epoch = {"step": epoch, "metrics": metrics}
             state.save()
@@ -382,12 +435,16 @@ def train(
         early = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
         )
-        reduce_lr = keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss",
-            factor=params.reduce_lr_factor,
-            patience=params.reduce_lr_patience,
-            min_lr=params.min_learning_rate,
-        )
+        if params.schedule == "plateau":
+            reduce_lr = keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=params.reduce_lr_factor,
+                patience=params.reduce_lr_patience,
+                min_lr=params.min_learning_rate,
+            )
+            schedule = reduce_lr
+        else:
+            reduce_lr, schedule = None, _cosine_schedule(params, state, budget)
         # Last: it sees what EarlyStopping decided, and commits every callback's state with the weights.
         epoch_end = _epoch_end(
             state,
@@ -410,7 +467,7 @@ def train(
                     initial_epoch=state.epochs,
                     epochs=params.epochs,
                     class_weight=weights,
-                    callbacks=[early, reduce_lr, epoch_end],
+                    callbacks=[schedule, early, epoch_end],
                     verbose=1 if sys.stderr.isatty() else 2,
                 )  # EarlyStopping restores the best epoch's weights at the end, whatever stopped training
 
@@ -454,7 +511,8 @@ def _fingerprint(manifest: Path, tiles: Path, params: TrainParams, model: ModelP
         "manifest": file_digest(manifest, "sha256") if manifest.is_file() else str(manifest),
         "tiles_index": file_digest(tiles / INDEX_FILE, "sha256") if (tiles / INDEX_FILE).is_file() else str(tiles),
         "train": params.model_dump(mode="json"),
-        "model": model.model_dump(mode="json"),
+        "model": model.model_dump(mode="json", exclude_defaults=True),  # an option added since, at its default,
+        # builds the same network: checkpoints from before it still resume
         "register": register,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -27,6 +27,7 @@ class ConvLayer(StepParams):
 
 class ModelParams(StepParams):
     architecture: Literal["cnn", "mobilenet_v2", "resnet50_v2"]
+    input_pooling: int = Field(default=1, ge=1)  # 1: none (checkpoints from before this option stay valid)
     conv_layers: list[ConvLayer] = Field(min_length=1)
     dense_units: int = Field(gt=0)
     initializer: str
@@ -44,7 +45,7 @@ class ModelParams(StepParams):
 
 def describe(params: ModelParams) -> dict[str, Any]:
     """The architecture as flat MLflow params."""
-    flat: dict[str, Any] = {"architecture": params.architecture}
+    flat: dict[str, Any] = {"architecture": params.architecture, "input_pooling": params.input_pooling}
     if params.architecture == "cnn":
         for i, layer in enumerate(params.conv_layers):
             flat[f"conv{i}"] = f"{layer.filters}x{layer.kernel}x{layer.kernel}/pool{layer.pool}"
@@ -64,6 +65,8 @@ def build_model(params: ModelParams, mean: list[float], variance: list[float]) -
 
     inputs = keras.Input(shape=PATCH_SHAPE, name="rgb")
     x = layers.Normalization(mean=mean, variance=variance, name="train_split_normalisation")(inputs)
+    if params.input_pooling > 1:  # the network sees block means: a fraction of the compute (the patch's size stays)
+        x = layers.AveragePooling2D(params.input_pooling, name="input_pooling")(x)
     if params.architecture == "cnn":
         for layer in params.conv_layers:
             x = layers.Conv2D(

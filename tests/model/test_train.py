@@ -172,6 +172,21 @@ def test_a_tiny_budget_stops_training_after_the_epoch_in_progress(training_data,
     assert run.data.metrics["best_epoch"] == 0 and run.data.metrics["best_val_loss"] == history[0].value
 
 
+def test_the_cosine_schedule_anneals_to_the_floor_by_the_last_epoch(training_data, tracking_uri):
+    import mlflow
+
+    lineage = tracking.Lineage.from_environment(snapshot="2026-11-16", data_version=None)
+    result = train(
+        manifest=training_data.manifest(), tiles=training_data.tiles, lineage=lineage, register=False,
+        **sections("train.schedule=cosine", "train.warmup_epochs=1", "train.learning_rate=0.001",
+                   "train.min_learning_rate=0.00001"),
+    )  # fmt: skip
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "learning_rate")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert rates == pytest.approx([0.0005, 0.001, 0.00001], rel=1e-5)  # warm-up, peak, floor (3 epochs)
+    assert mlflow.get_run(result.run_id).data.params["schedule"] == "cosine"
+
+
 def _cli(training_data, tmp_path: Path, *extra: str) -> list[str]:
     overrides = [a for item in (*TINY, *QUICK) for a in ("--set", item)]
     return [

@@ -61,3 +61,25 @@ def test_a_budget_must_be_positive(key, value):
     with pytest.raises(ConfigError, match=rf"train\.{key}: Input should be greater than 0"):
         load_section("train", TrainParams, overrides=[f"train.{key}={value}"])
     assert getattr(load_section("train", TrainParams), key) is None  # params.yaml: no budget
+
+
+def test_the_cosine_schedule_warms_up_then_anneals_to_the_floor_at_the_last_planned_epoch():
+    from tasks.train import cosine_rate
+
+    rates = [cosine_rate(e, 6, peak=1e-3, floor=1e-6, warmup=1) for e in range(8)]
+    assert rates[0] == pytest.approx(5e-4)  # warm-up: half way to the peak
+    assert rates[1] == pytest.approx(1e-3)  # the peak, then down
+    assert all(a > b for a, b in zip(rates[1:6], rates[2:6], strict=False))
+    assert rates[3] == pytest.approx((1e-3 + 1e-6) / 2)  # the cosine's midpoint, half way from epoch 1 to epoch 5
+    assert rates[5] == rates[6] == rates[7] == pytest.approx(1e-6)  # floor at the last planned epoch and after
+
+
+def test_a_budget_plans_as_many_epochs_as_it_leaves_time_for_rounding_up():
+    from tasks.train import planned_epochs
+
+    assert planned_epochs(50, done=0, seconds=5, budget=None, epoch_seconds=10) == 50
+    assert planned_epochs(50, done=0, seconds=5, budget=240, epoch_seconds=0) == 50  # no pace yet
+    # 2 epochs done in 65 s at 30 s each: 175 s left is 5.8 epochs, and the 6th still finishes once started
+    assert planned_epochs(50, done=2, seconds=65, budget=240, epoch_seconds=30) == 8
+    assert planned_epochs(5, done=2, seconds=65, budget=240, epoch_seconds=30) == 5  # the epoch count is the cap
+    assert planned_epochs(50, done=3, seconds=250, budget=240, epoch_seconds=30) == 4  # over: the epoch in progress

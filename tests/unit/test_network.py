@@ -1,0 +1,35 @@
+"""The network params.yaml's `model` section builds: its input contract and what input pooling changes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.lib.config import load_section
+from tasks.lib.model import ModelParams, build_model, describe
+from tasks.lib.tiles import PATCH_SHAPE
+
+
+def _conv_macs(model) -> int:
+    """Multiply-accumulates of the convolutions per patch: where the seed CNN spends its compute."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            kernel_h, kernel_w, channels, _ = layer.kernel.shape
+            total += height * width * filters * kernel_h * kernel_w * channels
+    return total
+
+
+def test_input_pooling_shows_the_network_block_means_of_the_whole_patch_for_a_fifth_of_the_compute():
+    plain = build_model(load_section("model", ModelParams), [1.0] * 3, [1.0] * 3)
+    pooled_params = load_section("model", ModelParams, overrides=["model.input_pooling=2"])
+    pooled = build_model(pooled_params, [1.0] * 3, [1.0] * 3)
+    assert pooled.input_shape == plain.input_shape == (None, *PATCH_SHAPE)  # served exactly as before
+    assert pooled.get_layer("input_pooling").output.shape[1:3] == (60, 60)
+    assert 0.15 < _conv_macs(pooled) / _conv_macs(plain) < 0.25
+    patches = np.random.default_rng(0).integers(0, 4000, (2, *PATCH_SHAPE)).astype("float32")
+    assert pooled.predict(patches, verbose=0).shape == (2, 1)
+    assert describe(pooled_params)["input_pooling"] == 2
+    assert "input_pooling" not in {layer.name for layer in plain.layers}  # params.yaml's default: none
