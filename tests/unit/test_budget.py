@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tasks.lib.config import load_section
@@ -69,7 +71,7 @@ def test_the_cosine_schedule_warms_up_then_anneals_to_the_floor_at_the_last_plan
     rates = [cosine_rate(e, 6, peak=1e-3, floor=1e-6, warmup=1) for e in range(8)]
     assert rates[0] == pytest.approx(5e-4)  # warm-up: half way to the peak
     assert rates[1] == pytest.approx(1e-3)  # the peak, then down
-    assert all(a > b for a, b in zip(rates[1:6], rates[2:6], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(rates[1:6]))
     assert rates[3] == pytest.approx((1e-3 + 1e-6) / 2)  # the cosine's midpoint, half way from epoch 1 to epoch 5
     assert rates[5] == rates[6] == rates[7] == pytest.approx(1e-6)  # floor at the last planned epoch and after
 
