@@ -26,13 +26,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from bench.measure import run_measured
+from bench.measure import run_measured, sampled_peak
 from tasks.download import DownloadParams
 from tasks.ingest import IngestParams, ingest
 from tasks.lib import bigearthnet as ben
@@ -61,24 +58,9 @@ def _allocated(root: Path) -> int:
     return total
 
 
-@contextmanager
-def _disk_peak(root: Path, interval: float = 0.3) -> Iterator[list[int]]:
-    """Sample the allocated bytes under `root` while the block runs; yields [peak]."""
-    peak, stop = [0], threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _allocated(root))
-            stop.wait(interval)
-
-    sampler = threading.Thread(target=poll, daemon=True)
-    sampler.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        sampler.join()
-        peak[0] = max(peak[0], _allocated(root))
+def _disk_peak(root: Path, interval: float = 0.3) -> contextlib.AbstractContextManager[list[int]]:
+    """Sample the allocated bytes under `root` while the block runs (and once after); yields [peak]."""
+    return sampled_peak(lambda: _allocated(root), interval, last=True)
 
 
 def _children_cpu() -> float:

@@ -6,7 +6,7 @@ import contextlib
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,22 +30,18 @@ def _tree_rss(root: psutil.Process, include_self: bool) -> int:
 
 
 @contextlib.contextmanager
-def tree_rss_peak(pid: int, *, include_self: bool = True) -> Iterator[list[int]]:
-    """Sample the summed RSS of process `pid` (and its descendants) every 50 ms while the block runs.
+def sampled_peak(read: Callable[[], int], interval: float = POLL_SECONDS, *, last: bool = False) -> Iterator[list[int]]:
+    """Call `read` every `interval` seconds from a thread while the block runs.
 
-    Yields a one-element list holding the peak in bytes so far; it is final once the block has ended.
+    Yields a one-element list holding the largest value read so far; it is final once the block has ended (with
+    `last`, after one more reading taken then).
     """
     peak, stop = [0], threading.Event()
 
     def poll() -> None:
-        try:
-            root = psutil.Process(pid)
-        except psutil.Error:
-            return
         while not stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                peak[0] = max(peak[0], _tree_rss(root, include_self))
-            stop.wait(POLL_SECONDS)
+            peak[0] = max(peak[0], read())
+            stop.wait(interval)
 
     sampler = threading.Thread(target=poll, daemon=True)
     sampler.start()
@@ -54,6 +50,26 @@ def tree_rss_peak(pid: int, *, include_self: bool = True) -> Iterator[list[int]]
     finally:
         stop.set()
         sampler.join()
+        if last:
+            peak[0] = max(peak[0], read())
+
+
+def tree_rss_peak(pid: int, *, include_self: bool = True) -> contextlib.AbstractContextManager[list[int]]:
+    """Sample the summed RSS of process `pid` (and its descendants) every 50 ms while the block runs (sampled_peak)."""
+    try:
+        root: psutil.Process | None = psutil.Process(pid)
+    except psutil.Error:
+        root = None
+
+    def rss() -> int:
+        if root is None:
+            return 0
+        try:
+            return _tree_rss(root, include_self)
+        except psutil.Error:
+            return 0
+
+    return sampled_peak(rss)
 
 
 def run_measured(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> Measured:
