@@ -65,6 +65,32 @@ def expected(kind: str, column: str) -> bool:
     return column == {"season": "season", "region": "country", "cloud_fraction": "cloud"}.get(kind)
 
 
+def shift_magnitude(kind: str, patches: int) -> str:
+    """The shift's default magnitude, except a `region` whose official lists cannot supply a mirror this large: then
+    the least common country in the archive that can (Luxembourg holds 137 cloud names, enough for ~450 patches; at
+    2,000 patches it is Ireland, 9 % of the archive)."""
+    from tasks.lib.config import load_section
+    from tasks.mirror import SHIFT_DEFAULTS, MirrorParams, Shift, _name_pools
+
+    default = SHIFT_DEFAULTS[Shift(kind)]
+    if kind != Shift.REGION:
+        return default
+    mirror = load_section("mirror", MirrorParams, PARAMS)
+    table, is_cloud, _ = _name_pools()
+    clouds = round(mirror.cloud_fraction * patches)
+    countries = table["country"].to_numpy()
+    share = table["country"].value_counts(normalize=True)
+    able = [
+        c for c in share.index
+        if (is_cloud & (countries == c)).sum() >= clouds and (~is_cloud & (countries == c)).sum() >= patches - clouds
+    ]  # fmt: skip
+    if default in able:
+        return default
+    if not able:
+        raise SystemExit(f"no country's official lists hold a {patches}-patch mirror ({clouds} cloud patches)")
+    return min(able, key=lambda c: share[c])
+
+
 def build_tiles(patches: int, seed: int, shift: str | None, cluster: str) -> tuple[Path, float]:
     """A tiled mirror (cached): its tiles and the seconds tasks.tile took (0 when cached)."""
     from tasks.lib.config import load_section
@@ -149,7 +175,7 @@ def main() -> None:
     p.add_argument("--seeds-null", type=int, default=10, help="unshifted seeds for the false-alarm share")
     p.add_argument("--seeds-shift", type=int, default=5, help="seeds per shift kind at its default magnitude")
     p.add_argument("--seeds-sweep", type=int, default=3, help="seeds per magnitude of the sweeps")
-    p.add_argument("--patches", type=int, default=400, help="synthesized patches per mirror (region needs <= ~450)")
+    p.add_argument("--patches", type=int, default=400, help="synthesized patches per mirror")
     p.add_argument("--cost-patches", type=int, default=20_000, help="patches of the cost snapshot")
     p.add_argument("--skip-cost", action="store_true", help="skip (e)")
     p.add_argument("--cost-only", action="store_true", help="only (e)")
@@ -220,8 +246,9 @@ def main() -> None:
             return row
 
         null = [measure("null", "none", "-", seed) for seed in range(1, args.seeds_null + 1)]
+        seeds = range(1, args.seeds_shift + 1)
         shifted = {
-            kind: [measure("shift", kind, SHIFT_DEFAULTS[Shift(kind)], seed) for seed in range(1, args.seeds_shift + 1)]
+            kind: [measure("shift", kind, shift_magnitude(kind, args.patches), seed) for seed in seeds]
             for kind in args.kinds
         }
         sweep_rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -266,8 +293,6 @@ def _grouped(results: Path, patches: int, kinds: list[str]) -> tuple[list, dict,
 
 def report(null: list, shifted: dict, sweep_rows: dict, params: Any, store: Path, say: Any) -> None:
     """Print (a)-(d) and log the detection plot to the MLflow store."""
-    from tasks.mirror import SHIFT_DEFAULTS, Shift
-
     seeds_shift = max((len(r) for r in shifted.values()), default=0)
     seeds_sweep = max((len(r) for m in sweep_rows.values() for r in m.values()), default=0)
     n_t, c_t = params.numerical.threshold, params.categorical.threshold
@@ -285,7 +310,7 @@ def report(null: list, shifted: dict, sweep_rows: dict, params: Any, store: Path
     for kind, kind_rows in shifted.items():
         named = sum(any(expected(kind, c) for c in r["drifted"]) for r in kind_rows)
         say(
-            f"  {kind:15s} {SHIFT_DEFAULTS[Shift(kind)]:>10s} "
+            f"  {kind:15s} {'/'.join(sorted({r['magnitude'] for r in kind_rows})):>10s} "
             f"{sum(r['decision'] == 'drift' for r in kind_rows):>4d}/{len(kind_rows):<3d} "
             f"{named:>12d}/{len(kind_rows):<3d}  {_top(kind_rows)}"
         )

@@ -34,20 +34,19 @@ def band_features(patches: np.ndarray, bands: tuple[str, ...] | list[str], strid
     in each direction: a subsample that keeps the distribution, at a fraction of the sort).
 
     Each band's pixels are made contiguous first (band-last patches put a band's pixels 3 values apart, which made
-    numpy's reductions over them ten times slower), and the percentiles are order statistics picked by a partial
-    partition of the raw integers, interpolated linearly as numpy's default percentile does."""
+    numpy's reductions over them ten times slower). Means and standard deviations come from exact integer sums of the
+    pixels and their squares (the same values on every CPU, and a third of the float work); the percentiles are
+    order statistics picked by one partial partition of the raw values, interpolated linearly as numpy's default
+    percentile does."""
     n = len(patches)
     if n == 0:
         return pd.DataFrame(columns=[f"{b}_{s}" for b in bands for s in FEATURE_STATS], dtype=np.float64)
     by_band = np.ascontiguousarray(patches.reshape(n, -1, patches.shape[-1]).transpose(0, 2, 1))  # (n, band, pixel)
-    pixels = by_band.astype(np.float32)
-    mean = pixels.mean(axis=-1, dtype=np.float64)
-    pixels -= mean[..., None].astype(np.float32)
-    std = np.sqrt(np.einsum("ijk,ijk->ij", pixels, pixels, dtype=np.float64) / pixels.shape[-1])
+    mean, std = _moments(by_band)
     sampled = np.ascontiguousarray(
         patches[:, ::stride, ::stride, :].reshape(n, -1, patches.shape[-1]).transpose(0, 2, 1)
     )
-    low, high = (_percentile(sampled, q) for q in (5, 95))
+    low, high = _percentiles(sampled, (5, 95))
     columns: dict[str, np.ndarray] = {}
     for i, band in enumerate(bands):
         columns[f"{band}_mean"] = mean[:, i]
@@ -57,14 +56,31 @@ def band_features(patches: np.ndarray, bands: tuple[str, ...] | list[str], strid
     return pd.DataFrame(columns).astype(np.float64)
 
 
-def _percentile(values: np.ndarray, q: float) -> np.ndarray:
-    """numpy's default ("linear") percentile along the last axis, from the two order statistics around it."""
-    position = (values.shape[-1] - 1) * q / 100
-    below = int(np.floor(position))
-    above = min(below + 1, values.shape[-1] - 1)
-    ordered = np.partition(values, [below, above], axis=-1)
-    low, high = ordered[..., below].astype(np.float64), ordered[..., above].astype(np.float64)
-    return low + (high - low) * (position - below)
+def _moments(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation along the last axis."""
+    count = values.shape[-1]
+    exact = values.dtype.kind in "ui" and count**2 * float(np.iinfo(values.dtype).max) ** 2 < 2**62
+    if not exact:  # floats, or integers whose squared sums could overflow int64
+        as_float = values.astype(np.float64)
+        return as_float.mean(axis=-1), as_float.std(axis=-1)
+    total = values.sum(axis=-1, dtype=np.int64)
+    squares = np.einsum("...k,...k->...", values, values, dtype=np.int64)
+    # count·Σx² − (Σx)² is count² × the variance, exactly: no rounding before the one division.
+    return total / count, np.sqrt((count * squares - total * total) / count**2)
+
+
+def _percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
+    """numpy's default ("linear") percentiles along the last axis, each from the two order statistics around it,
+    all picked by one partial partition."""
+    last = values.shape[-1] - 1
+    positions = [last * q / 100 for q in qs]
+    around = [(int(np.floor(p)), min(int(np.floor(p)) + 1, last)) for p in positions]
+    ordered = np.partition(values, sorted({k for pair in around for k in pair}), axis=-1)
+    result = []
+    for position, (below, above) in zip(positions, around, strict=True):
+        low, high = ordered[..., below].astype(np.float64), ordered[..., above].astype(np.float64)
+        result.append(low + (high - low) * (position - below))
+    return result
 
 
 @dataclass(frozen=True)

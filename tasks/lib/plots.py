@@ -125,8 +125,8 @@ def drift_figure(reference: pd.DataFrame, current: pd.DataFrame, columns: list[s
         before, after = reference[column].dropna(), current[column].dropna()
         if pd.api.types.is_numeric_dtype(before) and not pd.api.types.is_bool_dtype(before):
             bins = np.histogram_bin_edges(np.concatenate([before, after]).astype(float), bins=30)
-            ax.hist(before, bins=bins, alpha=0.55, density=True, label="reference")
-            ax.hist(after, bins=bins, alpha=0.55, density=True, label="new")
+            for values, label in ((before, "reference"), (after, "new")):  # one artist per histogram, not 30 bars
+                ax.stairs(np.histogram(values, bins=bins, density=True)[0], bins, fill=True, alpha=0.55, label=label)
         else:
             shares = pd.DataFrame(
                 {

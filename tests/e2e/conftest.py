@@ -102,8 +102,9 @@ def readable_log(text: str, lines: int) -> str:
     return "\n".join(out[-lines:])
 
 
-def write_params(path: Path, *, data_root: Path) -> Path:
-    """The repo's params.yaml, pointed at `data_root` and the emulator's archives, sized for 2 cores."""
+def write_params(path: Path, *, data_root: Path, extra: Iterable[str] = ()) -> Path:
+    """The repo's params.yaml, pointed at `data_root` and the emulator's archives, sized for 2 cores; `extra`
+    overrides on top."""
     url = f"gs://{BUCKET}/{ARCHIVE}"
     overrides = [
         f"pipeline.data_root={data_root}",
@@ -116,6 +117,7 @@ def write_params(path: Path, *, data_root: Path) -> Path:
         "validate.workers=1",
         "train.epochs=1",
         "train.batch_size=16",
+        *extra,
     ]
     path.write_text(yaml.safe_dump(apply_overrides(read_params_file(REPO_PARAMS), overrides), sort_keys=False))
     return path
@@ -168,35 +170,40 @@ def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EStack]:
     """Mirrors in the emulator bucket, a params file, and `airflow standalone` with both DAGs parsed and paused.
 
     The scheduler creates no runs from the DAGs' own schedules ([scheduler] use_job_schedule = False: the refresh
-    DAG's latest weekly interval and the training DAG's Asset schedule would otherwise start runs nobody asked for);
-    backfills and triggered runs run normally once their DAG is unpaused.
+    DAG's latest weekly interval and the training DAG's Asset schedule would otherwise start runs nobody asked for;
+    it also turns off runs started by Asset events, which test_workflow_drift_to_training.py tests on a stack of its
+    own); backfills and triggered runs run normally once their DAG is unpaused.
     """
     try:
-        yield _LIFETIME.enter_context(_start_stack(tmp_path_factory.mktemp("e2e")))
+        yield _LIFETIME.enter_context(start_stack(tmp_path_factory.mktemp("e2e")))
     finally:
         _LIFETIME.close()
 
 
 @contextlib.contextmanager
-def _start_stack(base: Path) -> Iterator[E2EStack]:
+def start_stack(
+    base: Path, *, snapshots: Iterable[str] = INTERVALS, params: Iterable[str] = (), job_schedule: bool = False
+) -> Iterator[E2EStack]:
+    """A stack as `e2e_stack` describes, with a mirror for each of `snapshots`, `params` overrides on top of
+    write_params' and, with `job_schedule`, a scheduler that also creates runs from schedules and Asset events."""
     from ops.gcs_emulator import local_gcs_emulator
     from tasks.lib.pipeline import PipelineParams
 
     data_root = base / "data"
-    params = write_params(base / "params.yaml", data_root=data_root)
-    pipeline = load_section("pipeline", PipelineParams, params)
-    mirrors = build_mirrors(base / "mirrors", INTERVALS)
+    params_file = write_params(base / "params.yaml", data_root=data_root, extra=params)
+    pipeline = load_section("pipeline", PipelineParams, params_file)
+    mirrors = build_mirrors(base / "mirrors", snapshots)
     work = base / "work"  # every Airflow process's cwd (a SQLite MLflow store writes ./mlruns there)
     work.mkdir()
     with local_gcs_emulator(BUCKET) as emulator:
         upload(mirrors, emulator)
         env = {
-            "CLOUDSCREEN_PARAMS": str(params),
+            "CLOUDSCREEN_PARAMS": str(params_file),
             "CLOUDSCREEN_DATA_ROOT": str(data_root),
             "STORAGE_EMULATOR_HOST": emulator,
             "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(job_schedule),
             "AIRFLOW__CORE__PARALLELISM": "4",
         }
         with airflow_standalone(
@@ -206,7 +213,7 @@ def _start_stack(base: Path) -> Iterator[E2EStack]:
             pools={pipeline.gpu_pool: pipeline.gpu_pool_slots},
             dags=(REFRESH, TRAINING),
         ) as stack:
-            yield E2EStack(airflow=stack, params=params, data_root=data_root, emulator=emulator, mirrors=mirrors)
+            yield E2EStack(airflow=stack, params=params_file, data_root=data_root, emulator=emulator, mirrors=mirrors)
 
 
 def utc_midnight(day: str) -> str:
