@@ -239,7 +239,25 @@ def _evaluate(run_id: str, manifest: Path, tiles: Path, child: str | None, overr
     )
     if child:
         client.set_terminated(log_to)
-    return result.metrics | {"logged_to": log_to}
+        return result.metrics | {"logged_to": log_to}
+    return result.metrics | {"logged_to": log_to, "first_champion": _first_champion_verdict(run_id, result)}
+
+
+def _first_champion_verdict(run_id: str, result: Any) -> dict[str, Any]:
+    """What tasks.gate would decide for this model with no champion yet, on its own data (the demo's case): its
+    floors, slice floors and cost ceiling from params.yaml's gate section, on this evaluation's test predictions."""
+    from mlflow import MlflowClient
+
+    from tasks.evaluate import EvaluateParams
+    from tasks.lib import registry
+    from tasks.lib.gate_rules import Candidate, GateParams, decide, reasons_for, slice_table
+    from tasks.lib.metrics import OPERATING_THRESHOLD
+
+    columns = load_section("evaluate", EvaluateParams).slice_columns
+    slices = slice_table(result.predictions, result.metrics[OPERATING_THRESHOLD], columns)
+    metrics = result.metrics | registry.run_cost(MlflowClient(), run_id)
+    decision, checks = decide(Candidate("-", run_id, metrics, slices), None, None, load_section("gate", GateParams))
+    return {"decision": decision, "reasons": list(reasons_for(checks))}
 
 
 def _curves(run_id: str) -> dict[str, list[float]]:
@@ -474,6 +492,12 @@ def main() -> None:
         stopped = f", stopped by {info['stopped_by']}" if info["stopped_by"] else ""
         print(f"\n{model}: run {info['run_id']}, {info['epochs_run']:.0f} epochs{best}{stopped}, "
               f"{info['train_seconds']:.0f} s training{per_epoch}")  # fmt: skip
+        if model != "baseline":
+            verdict = evaluations[(model, training_data)].get("first_champion")
+            said = "not recorded (an evaluation cached before it was)" if verdict is None else verdict["decision"]
+            if verdict and verdict["decision"] != "bootstrap":
+                said += ": " + " ".join(verdict["reasons"])
+            print(f"  as a first champion, on its own test split, the gate would say: {said}")
     if args.curves:
         for model in cnns:
             _print_curves(model, train_runs[model]["curves"])

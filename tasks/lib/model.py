@@ -23,6 +23,14 @@ class ConvLayer(StepParams):
     filters: int = Field(gt=0)
     kernel: int = Field(gt=0)
     pool: int = Field(ge=1)
+    stride: int = Field(default=1, ge=1)  # > 1: a learned downsampling, every pixel still seen (kernel >= stride)
+
+    @field_validator("stride")
+    @classmethod
+    def _sees_every_pixel(cls, value: int, info: Any) -> int:
+        if value > info.data.get("kernel", value):
+            raise ValueError(f"stride {value} is larger than the kernel: pixels between the windows would be skipped")
+        return value
 
 
 class ModelParams(StepParams):
@@ -48,7 +56,8 @@ def describe(params: ModelParams) -> dict[str, Any]:
     flat: dict[str, Any] = {"architecture": params.architecture, "input_pooling": params.input_pooling}
     if params.architecture == "cnn":
         for i, layer in enumerate(params.conv_layers):
-            flat[f"conv{i}"] = f"{layer.filters}x{layer.kernel}x{layer.kernel}/pool{layer.pool}"
+            stride = f"/stride{layer.stride}" if layer.stride > 1 else ""
+            flat[f"conv{i}"] = f"{layer.filters}x{layer.kernel}x{layer.kernel}{stride}/pool{layer.pool}"
         flat["dense_units"] = params.dense_units
         flat["initializer"] = params.initializer
         flat["batch_norm_momentum"] = params.batch_norm_momentum
@@ -70,7 +79,12 @@ def build_model(params: ModelParams, mean: list[float], variance: list[float]) -
     if params.architecture == "cnn":
         for layer in params.conv_layers:
             x = layers.Conv2D(
-                layer.filters, layer.kernel, use_bias=False, kernel_initializer=params.initializer, activation="relu"
+                layer.filters,
+                layer.kernel,
+                strides=layer.stride,
+                use_bias=False,
+                kernel_initializer=params.initializer,
+                activation="relu",
             )(x)
             x = layers.BatchNormalization(momentum=params.batch_norm_momentum)(x)
             if layer.pool > 1:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tasks.lib.config import load_section
+from tasks.lib.errors import ConfigError
 from tasks.lib.model import ModelParams, build_model, describe
 from tasks.lib.tiles import PATCH_SHAPE
 
@@ -33,3 +35,27 @@ def test_input_pooling_shows_the_network_block_means_of_the_whole_patch_for_a_fi
     assert pooled.predict(patches, verbose=0).shape == (2, 1)
     assert describe(pooled_params)["input_pooling"] == 2
     assert "input_pooling" not in {layer.name for layer in plain.layers}  # params.yaml's default: none
+
+
+STRIDED_STEM = "model.conv_layers=[{filters: 32, kernel: 5, pool: 2, stride: 2}, {filters: 32, kernel: 5, pool: 2}, {filters: 64, kernel: 3, pool: 1}]"  # noqa: E501
+
+
+def test_a_strided_first_convolution_sees_every_pixel_for_a_fraction_of_the_compute():
+    plain = build_model(load_section("model", ModelParams), [1.0] * 3, [1.0] * 3)
+    strided_params = load_section("model", ModelParams, overrides=[STRIDED_STEM])
+    strided = build_model(strided_params, [1.0] * 3, [1.0] * 3)
+    assert strided.input_shape == plain.input_shape == (None, *PATCH_SHAPE)
+    first = next(layer for layer in strided.layers if layer.name.startswith("conv2d"))
+    assert first.strides == (2, 2) and first.output.shape[1:3] == (58, 58)  # windows 2 apart, 5 wide: none skipped
+    assert 0.15 < _conv_macs(strided) / _conv_macs(plain) < 0.3
+    assert describe(strided_params)["conv0"] == "32x5x5/stride2/pool2"
+    assert describe(load_section("model", ModelParams))["conv0"] == "32x5x5/pool2"  # the default's record unchanged
+    # A stride of 1 is the default and is not written out, so the seed CNN's training fingerprint is unchanged.
+    assert "stride" not in str(load_section("model", ModelParams).model_dump(exclude_defaults=True))
+
+
+def test_a_stride_wider_than_the_kernel_is_refused():
+    with pytest.raises(ConfigError, match="stride 3 is larger than the kernel"):
+        load_section(
+            "model", ModelParams, overrides=["model.conv_layers=[{filters: 8, kernel: 2, stride: 3, pool: 1}]"]
+        )
