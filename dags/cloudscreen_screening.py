@@ -155,7 +155,7 @@ def cloudscreen_screening():
         results = get_current_context()["ti"].xcom_pull(task_ids=list(SCREEN_TASKS.values()))
         return pipeline.screening_results(_run(), results=results)
 
-    @task(**SCREEN, doc_md=MONITOR_DOC)
+    @task(**SCREEN, doc_md=MONITOR_DOC, map_index_template="{{ task.op_kwargs['screened']['snapshot'] }}")
     @PERMANENT_FAILS
     def monitor(screened: xcoms.Screened, chosen: xcoms.ScreeningPlan) -> xcoms.Monitored:
         return pipeline.monitor_step(_run(), screened=screened, model=chosen["model"])
@@ -196,6 +196,7 @@ def cloudscreen_screening():
         ),
         **SCREEN,
         pool=SETTINGS.gpu_pool,
+        map_index_template="{{ task.arguments[1] }}",  # the pod's --snapshot (tasks.lib.backends.screening_arguments)
     ).expand(arguments=pods)
     choose_backend() >> [screened_here, pods]
     screened = screening_result()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
+import jinja2
 import kubernetes_validate
 import pytest
 import yaml
@@ -362,6 +364,13 @@ def test_screening_pod_runs_tasks_screen_on_a_gpu_with_the_trainers_settings_and
     assert kwargs["on_finish_action"] == "delete_pod"
     assert kwargs["pool"] == load_section("pipeline", PipelineParams).gpu_pool
     assert task.doc_md and "GPU" in task.doc_md
+    # Each mapped pod and monitoring is listed by its snapshot in the UI, not by 0, 1, 2.
+    pod_label = jinja2.Template(kwargs["map_index_template"]).render(task=SimpleNamespace(arguments=arguments))
+    assert pod_label == "2026-11-16"
+    monitor_label = jinja2.Template(screening.get_task("monitor").partial_kwargs["map_index_template"]).render(
+        task=SimpleNamespace(op_kwargs={"screened": {"snapshot": "2026-11-16", "out": "screened/2026-11-16/3"}})
+    )
+    assert monitor_label == "2026-11-16"
 
 
 @pytest.mark.parametrize(
