@@ -26,7 +26,9 @@ e.g. `test_op_recall`):
 - non_regression: the challenger may trail the champion by at most the tolerance (log_loss: exceed it by at most);
 - slice_floors: on every test slice (tasks.evaluate's slice columns, e.g. country=Finland) with at least
   `min_slice_patches` patches, each named metric at the operating threshold must be at least the bound; a metric
-  undefined on a slice (recall of a slice without cloud) is not checked;
+  undefined on a slice (recall of a slice without cloud) is not checked. With `slice_test: binomial`, a recall,
+  precision or accuracy under its bound fails only when it is significantly under (one-sided exact binomial test
+  at `alpha` on the patches it counts), since a slice's few cloud patches make its value coarse;
 - paired_test: McNemar's test on the test patches, each model classifying at its own operating threshold (the
   method: tasks.lib.gate_rules.mcnemar). The challenger is significantly better when p < alpha and it alone is
   right on more patches than the champion alone, significantly worse when p < alpha and the reverse holds. `better`

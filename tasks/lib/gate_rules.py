@@ -32,6 +32,10 @@ _METRIC_NAME = re.compile(
 )
 _LOWER_IS_BETTER = ("log_loss",)
 SLICE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision")
+# The slice metrics that are a share of counted patches: (the patches counted, the ones that succeed), as
+# tasks.lib.metrics' confusion cells. These can be judged against their floor with a binomial test.
+_SLICE_COUNTS = {"recall": (("tp", "fn"), ("tp",)), "precision": (("tp", "fp"), ("tp",)),
+                 "accuracy": (("tp", "fp", "tn", "fn"), ("tp", "tn"))}  # fmt: skip
 
 
 class GateParams(StepParams):
@@ -39,6 +43,7 @@ class GateParams(StepParams):
     non_regression: dict[str, Annotated[float, Field(ge=0)]]
     slice_floors: dict[str, Annotated[float, Field(ge=0, le=1)]]
     min_slice_patches: int = Field(ge=1)
+    slice_test: Literal["binomial", "point"] = "binomial"
     paired_test: Literal["better", "not_worse", "off"]
     alpha: float = Field(gt=0, lt=1)
     max_cost_usd: Annotated[float, Field(gt=0)] | None
@@ -230,6 +235,14 @@ def _non_regression_checks(challenger: Candidate, champion: Candidate, rules: Ga
     return checks
 
 
+def below_slice_floor(count: int, successes: int, bound: float) -> float:
+    """The one-sided exact binomial p-value of `successes` of `count` under a true rate of `bound`: how likely a
+    slice whose metric really is at its floor shows this few successes (small: the slice is below its floor)."""
+    from scipy import stats
+
+    return float(stats.binom.cdf(successes, count, bound))
+
+
 def _slice_checks(challenger: Candidate, champion: Candidate | None, rules: GateParams) -> list[Check]:
     if not rules.slice_floors:
         return []
@@ -238,17 +251,30 @@ def _slice_checks(challenger: Candidate, champion: Candidate | None, rules: Gate
     theirs_by_slice = {}
     if champion is not None:
         theirs_by_slice = {(r["column"], r["value"]): r for r in champion.slices.to_dict("records")}
-    checks = []
+    checks, noisy = [], []
     for row in large.to_dict("records"):
         theirs = theirs_by_slice.get((row["column"], row["value"]))
         for name, bound in rules.slice_floors.items():
             value = float(row[name])
             if math.isnan(value) or value >= bound:
                 continue
+            where = f"slice {row['column']}={row['value']} ({int(row['patches'])} test patches)"
+            if rules.slice_test == "binomial" and name in _SLICE_COUNTS:
+                counted, succeeded = (sum(int(row[cell]) for cell in cells) for cells in _SLICE_COUNTS[name])
+                p = below_slice_floor(counted, succeeded, bound)
+                if p >= rules.alpha:  # as many misses as a slice truly at its floor shows often: noise, not a fault
+                    noisy.append(
+                        f"{where}: {name} {value:.4f} ({succeeded} of {counted}) is under the slice floor {bound:.4f} "
+                        f"but not significantly (one-sided binomial p = {p:.3f} >= {rules.alpha:g})"
+                    )
+                    continue
+                evidence = f"{succeeded} of {counted}, one-sided binomial p = {p:.2g} < {rules.alpha:g}; "
+            else:
+                evidence = ""
             champion_part = "no champion" if champion is None else f"champion {_show(theirs and float(theirs[name]))}"
             message = (
-                f"slice {row['column']}={row['value']} ({int(row['patches'])} test patches): {name} at the operating "
-                f"threshold {value:.4f} is below the slice floor {bound:.4f} ({champion_part})."
+                f"{where}: {name} at the operating threshold {value:.4f} is below the slice floor {bound:.4f} "
+                f"({evidence}{champion_part})."
             )
             checks.append(Check("slice_floor", f"{TEST_SET}_op_{name}[{row['column']}={row['value']}]", False, message))
     if not checks:
@@ -256,6 +282,9 @@ def _slice_checks(challenger: Candidate, champion: Candidate | None, rules: Gate
         if large.empty:
             message = f"no test slice has {rules.min_slice_patches} patches or more: the slice floors ({floors}) apply"
             message += " to none."
+        elif noisy:
+            message = f"no test slice of {rules.min_slice_patches} patches or more is significantly below {floors}: "
+            message += "; ".join(noisy) + "."
         else:
             message = f"all {len(large)} test slices of {rules.min_slice_patches} patches or more meet {floors}."
         checks.append(Check("slice_floor", "slices", True, message))
