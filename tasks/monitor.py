@@ -10,9 +10,9 @@ read from its lineage tag and restored from the DVC remote) and writes `DIR/moni
   score (prediction drift) or a context column (season, country, the labelled cloud prevalence);
 - `ok`: neither.
 Each reason names the column, the statistic, its value and the threshold. Beside it: the features of both samples
-(`features.parquet`), the most drifted columns plotted, reference against new (`drift.png`), and on a drift or decay
-verdict Evidently's HTML report (`report.html`; `monitor.report: always` writes it every time). Each monitoring is
-an MLflow run in the `monitor` section's experiment.
+(`features.parquet`) and, on a drift or decay verdict, the most drifted columns plotted, reference against new
+(`drift.png`), and Evidently's HTML report (`report.html`); `monitor.report: always` writes both every time. Each
+monitoring is an MLflow run in the `monitor` section's experiment.
 
 Input features come from a seeded sample of each snapshot (`sample_patches`), read a chunk at a time, so the cost
 does not grow with the snapshot. Scores: NEW's from --scores (tasks.screen's scores.parquet: every patch, so decay
@@ -279,8 +279,8 @@ def monitor(
     key = fingerprint(
         *digests, version.uri if version else "", repr(version and version.threshold), params.model_dump_json()
     )
-    done = completed(out / MONITOR_FILE, key, requires=[out / PLOT_FILE], what="monitoring")
-    if done and (not done.get("report") or (out / done["report"]).is_file()):
+    done = completed(out / MONITOR_FILE, key, what="monitoring")
+    if done and all((out / done[name]).is_file() for name in ("report", "plot") if done.get(name)):
         return MonitorResult(out, done, skipped=True)
 
     # One scorer for both sides, loaded only when a side has no screening scores.
@@ -308,7 +308,8 @@ def monitor(
         if version is not None and labelled is not None:
             decay, decay_reasons = _decay(labelled, version, params)
         decision = DECAY if decay_reasons else DRIFT if drifted else OK
-        report = REPORT_FILE if decision != OK or params.report == "always" else None
+        # What takes most of an ok monitoring's time, the figures, is drawn when someone will look: on an alarm.
+        report, plot = (REPORT_FILE, PLOT_FILE) if decision != OK or params.report == "always" else (None, None)
         if report:
             _html_report(ref_frame, new_frame, columns, tmp / report)
         context = {
@@ -327,6 +328,7 @@ def monitor(
             "decay": decay,
             "context": context,
             "report": report,
+            "plot": plot,
             "tiles": str(tiles),
             "reference": str(reference),
             "model": version.to_json() if version else None,
@@ -336,11 +338,12 @@ def monitor(
             "params": params.model_dump(mode="json"),
             "input": {"fingerprint": key},
         }
-        shown = [c.column for c in drifted[: params.plots]] or [
-            c.column for c in sorted(columns, key=_severity)[-params.plots :]
-        ]
-        labels = {c.column: f"{c.method} {c.value:.3g} (threshold {c.threshold:g})" for c in columns}
-        plots.save(plots.drift_figure(ref_frame, new_frame, shown, labels), tmp / PLOT_FILE)
+        if plot:
+            shown = [c.column for c in drifted[: params.plots]] or [
+                c.column for c in sorted(columns, key=_severity)[-params.plots :]
+            ]
+            labels = {c.column: f"{c.method} {c.value:.3g} (threshold {c.threshold:g})" for c in columns}
+            plots.save(plots.drift_figure(ref_frame, new_frame, shown, labels), tmp / plot)
         pd.concat([ref_frame.assign(snapshot="reference"), new_frame.assign(snapshot="new")]).to_parquet(
             tmp / FEATURES_FILE, index=False
         )
@@ -367,7 +370,7 @@ def monitor(
                 }
             mlflow.log_metrics(metrics)
             write_json(tmp / MONITOR_FILE, jsonable(verdict))
-            for name in (MONITOR_FILE, report, PLOT_FILE):
+            for name in (MONITOR_FILE, report, plot):
                 if name:
                     mlflow.log_artifact(str(tmp / name))
     log.info(

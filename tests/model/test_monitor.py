@@ -85,14 +85,16 @@ def test_a_snapshot_like_the_reference_is_ok(training_data, other_snapshot, para
     assert verdict["decision"] == OK, verdict["reasons"]
     assert verdict["drifted"] == [] and verdict["patches"] == {"new": 240, "reference": 240}
     assert {"B04_mean", "B02_p95", "season", "country", "cloud"} <= {c["column"] for c in verdict["columns"]}
-    # An ok verdict has no Evidently report unless asked for (monitor.report), which is most of its cost.
+    # An ok verdict has no Evidently report and no plot unless asked for (monitor.report): they were most of its cost.
     assert verdict["report"] is None and not (result.out / REPORT_FILE).exists()
-    assert (result.out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert verdict["plot"] is None and not (result.out / PLOT_FILE).exists()
     again = monitor(tiles=other_snapshot, reference=training_data.tiles, out=tmp_path / "m", params=params, model=None)
     assert again.skipped
     always = params.model_copy(update={"report": "always"})
     asked = monitor(tiles=other_snapshot, reference=training_data.tiles, out=tmp_path / "a", params=always, model=None)
     assert asked.verdict["report"] == REPORT_FILE and asked.verdict["decision"] == OK
+    assert asked.verdict["plot"] == PLOT_FILE
+    assert (asked.out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (asked.out / REPORT_FILE).read_text().lstrip().lower().startswith("<!doctype html")
 
 
