@@ -102,12 +102,13 @@ def _snapshot(params: Any, base: Path) -> tuple[Path, Path]:
 
     # The archive's name holds only the size and seed: a change of the other mirror params must rebuild it.
     record = base / "mirror_params.json"
-    if record.is_file() and json.loads(record.read_text()) != params.model_dump():
+    # As JSON on both sides: a tuple param (mirror.shifts) reads back as a list, which made every run rebuild.
+    if record.is_file() and json.loads(record.read_text()) != params.model_dump(mode="json"):
         log.info("%s: mirror params changed since it was built; rebuilding", base)
         shutil.rmtree(base)
     base.mkdir(parents=True, exist_ok=True)
     mirror = build_mirror(out=base / "mirror", params=params)
-    write_json(record, params.model_dump())
+    write_json(record, params.model_dump(mode="json"))
     download_params = load_section("download", DownloadParams)
     url, checksum = resolve_request(url=str(mirror.archive), source=None, sha256=mirror.sha256, params=download_params)
     fetched = download(url=url, dest=base / "raw", checksum=checksum, params=download_params)
