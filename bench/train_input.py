@@ -47,7 +47,7 @@ from typing import Any
 
 from tasks.lib import inputs
 from tasks.lib.config import load_section
-from tasks.lib.model import ModelParams, build_model, compile_for_training
+from tasks.lib.model import STRIDED_CNN, ModelParams, build_model, compile_for_training
 from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 from tasks.lib.training_runs import read_splits
 from tasks.sample import MANIFEST_FILE
@@ -108,10 +108,6 @@ def _timed(fn: Any) -> tuple[float, float]:
 
 
 # (d)'s options: name → settings of one worker process. "default" is params.yaml's train section as it is.
-STRIDED_STEM = (
-    "model.conv_layers=[{filters: 32, kernel: 5, pool: 2, stride: 2}, {filters: 32, kernel: 5, pool: 2}, "
-    "{filters: 64, kernel: 3, pool: 1}]"
-)
 OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "threads intra 2, inter 1": {"intra": 2, "inter": 1},
@@ -122,9 +118,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "batch 128": {"batch_size": 128},
     "XLA, batch 128": {"jit_compile": True, "batch_size": 128},
     "block means (input_pooling 2)": {"model": ["model.input_pooling=2"]},
-    "strided first convolution": {"model": [STRIDED_STEM]},
+    "strided first convolution": {"model": [STRIDED_CNN]},
     "emulated: AVX2 kernels, 1 core": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1},
-    "emulated, strided": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1, "model": [STRIDED_STEM]},
+    "emulated, strided": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1, "model": [STRIDED_CNN]},
 }
 # Options whose results must equal the default's (the others train another network or emulate another machine).
 SAME_RESULTS = [name for name, option in OPTIONS.items() if not option.keys() & {"model", "env", "cores"}]

@@ -235,7 +235,7 @@ def _non_regression_checks(challenger: Candidate, champion: Candidate, rules: Ga
     return checks
 
 
-def below_slice_floor(count: int, successes: int, bound: float) -> float:
+def slice_floor_p_value(count: int, successes: int, bound: float) -> float:
     """The one-sided exact binomial p-value of `successes` of `count` under a true rate of `bound`: how likely a
     slice whose metric really is at its floor shows this few successes (small: the slice is below its floor)."""
     from scipy import stats
@@ -261,7 +261,7 @@ def _slice_checks(challenger: Candidate, champion: Candidate | None, rules: Gate
             where = f"slice {row['column']}={row['value']} ({int(row['patches'])} test patches)"
             if rules.slice_test == "binomial" and name in _SLICE_COUNTS:
                 counted, succeeded = (sum(int(row[cell]) for cell in cells) for cells in _SLICE_COUNTS[name])
-                p = below_slice_floor(counted, succeeded, bound)
+                p = slice_floor_p_value(counted, succeeded, bound)
                 if p >= rules.alpha:  # as many misses as a slice truly at its floor shows often: noise, not a fault
                     noisy.append(
                         f"{where}: {name} {value:.4f} ({succeeded} of {counted}) is under the slice floor {bound:.4f} "

@@ -17,6 +17,12 @@ from tasks.lib.errors import ConfigError
 from tasks.lib.tiles import PATCH_SHAPE
 
 _BACKBONES = {"mobilenet_v2": "MobileNetV2", "resnet50_v2": "ResNet50V2"}
+# The seed CNN with a stride of 2 on its first convolution, as a params override: a fifth of the convolutions' work,
+# for short budgets on slow CPUs (the demo trains it; docs/model-quality.md measures it).
+STRIDED_CNN = (
+    "model.conv_layers=[{filters: 32, kernel: 5, pool: 2, stride: 2}, {filters: 32, kernel: 5, pool: 2}, "
+    "{filters: 64, kernel: 3, pool: 1}]"
+)
 
 
 class ConvLayer(StepParams):

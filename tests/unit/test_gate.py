@@ -23,11 +23,11 @@ from tasks.lib.gate_rules import (
     McNemar,
     Paired,
     Verdict,
-    below_slice_floor,
     decide,
     mcnemar,
     pair,
     reasons_for,
+    slice_floor_p_value,
     slice_table,
     who,
 )
@@ -272,7 +272,7 @@ def test_a_slice_that_misses_half_its_few_clouds_still_fails():
         "slice country=Spring (51 test patches): recall at the operating threshold 0.5000 is below the slice floor "
         "0.8500 (6 of 12, one-sided binomial p = 0.0046 < 0.05; no champion)."
     ]
-    assert below_slice_floor(12, 6, 0.85) == pytest.approx(stats.binom.cdf(6, 12, 0.85))
+    assert slice_floor_p_value(12, 6, 0.85) == pytest.approx(stats.binom.cdf(6, 12, 0.85))
 
 
 def test_slice_metrics_undefined_on_a_slice_are_not_checked():

@@ -7,7 +7,7 @@ import pytest
 
 from tasks.lib.config import load_section
 from tasks.lib.errors import ConfigError
-from tasks.lib.model import ModelParams, build_model, describe
+from tasks.lib.model import STRIDED_CNN, ModelParams, build_model, describe
 from tasks.lib.tiles import PATCH_SHAPE
 
 
@@ -37,12 +37,9 @@ def test_input_pooling_shows_the_network_block_means_of_the_whole_patch_for_a_fi
     assert "input_pooling" not in {layer.name for layer in plain.layers}  # params.yaml's default: none
 
 
-STRIDED_STEM = "model.conv_layers=[{filters: 32, kernel: 5, pool: 2, stride: 2}, {filters: 32, kernel: 5, pool: 2}, {filters: 64, kernel: 3, pool: 1}]"  # noqa: E501
-
-
 def test_a_strided_first_convolution_sees_every_pixel_for_a_fraction_of_the_compute():
     plain = build_model(load_section("model", ModelParams), [1.0] * 3, [1.0] * 3)
-    strided_params = load_section("model", ModelParams, overrides=[STRIDED_STEM])
+    strided_params = load_section("model", ModelParams, overrides=[STRIDED_CNN])
     strided = build_model(strided_params, [1.0] * 3, [1.0] * 3)
     assert strided.input_shape == plain.input_shape == (None, *PATCH_SHAPE)
     first = next(layer for layer in strided.layers if layer.name.startswith("conv2d"))
