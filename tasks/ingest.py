@@ -16,6 +16,7 @@ stay (an in-place permutation), so no second copy of the tiles ever exists on di
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures as cf
 import contextlib
 import functools
@@ -25,9 +26,9 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from pydantic import Field
@@ -36,11 +37,13 @@ from tasks.download import DownloadParams, resolve_request
 from tasks.lib import bigearthnet as ben
 from tasks.lib import cli
 from tasks.lib.archive import compression_of
-from tasks.lib.archive_stream import StreamedFolder, StreamStats, stream_folders
+from tasks.lib.archive_stream import StreamedFolder, StreamStats, dataset_root, range_folders, stream_folders
 from tasks.lib.checksums import Checksum
 from tasks.lib.config import StepParams, load_section
 from tasks.lib.errors import ChecksumMismatchError, DownloadError, TilingError, ValidationFailedError
 from tasks.lib.files import atomic_dir, write_json
+from tasks.lib.gcs import gcs_client, split_gs_url
+from tasks.lib.gzip_index import SeekIndex, build_index, open_indexed
 from tasks.lib.outputs import completed, fingerprint
 from tasks.lib.tiles import (
     CHANNELS,
@@ -78,6 +81,9 @@ from tasks.validate import (
 log = logging.getLogger(__name__)
 
 INGEST_MANIFEST = "ingest.json"
+_SEEK_INDEX = ".seek-index"  # in the tiles' temporary directory while the workers read the ranges
+_RANGE_REQUEST = 8 << 20  # bytes per range request to the object store
+SHARD_PATTERN = f"{SHARD_DIR}/shard-{{:05d}}.npy"  # tasks.lib.tiles.shard_name's, as a format string
 VALIDATED_DIR = "validated"
 TILES_DIR = "tiles"
 
@@ -88,6 +94,8 @@ class IngestParams(StepParams):
     workers: int = Field(ge=1)
     batch_patches: int = Field(ge=1)
     in_flight: int = Field(ge=1)
+    seek_spacing_kib: int = Field(ge=64)
+    ranges_per_worker: int = Field(ge=1)
 
 
 @dataclass(frozen=True)
@@ -165,28 +173,38 @@ def ingest(
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # "complete" must not outlive a rerun that fails half-way
     _remove_leftovers(out)
-    archive = _local_archive(src, out, checksum, download_params)
+    address = os.environ.get("DASK_SCHEDULER_ADDRESS")
+    indexed = bool(address) and compression == "gz"
+    if address and not indexed:
+        log.info("a %s archive has no seek index: it is streamed here, not on the cluster at %s", compression, address)
+    # The indexed path reads a local file or an object where it is (workers fetch byte ranges); others are fetched.
+    archive = None if indexed and src.kind == "gs" else _local_archive(src, out, checksum, download_params)
     channels = CHANNELS[tile_params.bands]
     per_shard = patches_per_shard(tile_params, len(channels))
     log.info(
-        "ingest %s into %s (%s %s): %d workers, bands %s, %d patches per shard",
+        "ingest %s into %s (%s %s): %s, bands %s, %d patches per shard",
         src.url,
         out,
         checksum.algorithm,
         checksum.digest,
-        params.workers,
+        f"in ranges on the Dask cluster at {address}" if indexed else f"streamed, {params.workers} workers",
         "/".join(channels),
         per_shard,
     )
 
     report: dict[str, Any]
-    with _runner(params.workers) as run, atomic_dir(validated) as vtmp:
+    with _runner(params.workers, address if indexed else None) as run, atomic_dir(validated) as vtmp:
         try:
             with atomic_dir(tiles) as ttmp:
-                spool = _Spool(ttmp, per_shard, len(channels))
-                streamed = _stream(archive, compression, checksum, spool, channels, run, params, validate_params)
+                if indexed:
+                    location = src.url if archive is None else str(archive)
+                    streamed, spool = _ingest_ranges(location, ttmp, checksum, per_shard, channels, params,
+                                                     validate_params)  # fmt: skip
+                else:
+                    spool = _Spool(ttmp, per_shard, len(channels))
+                    streamed = _stream(archive, compression, checksum, spool, channels, run, params, validate_params)
                 if streamed.stats.digest != checksum.digest:
-                    if archive.parent == out:
+                    if archive is not None and archive.parent == out:
                         archive.unlink(missing_ok=True)  # a fetched copy: the next run fetches it again
                     raise ChecksumMismatchError(
                         f"{src.url}: {checksum.algorithm} mismatch: expected {checksum.digest}, "
@@ -323,6 +341,216 @@ def _check_batch(
     return results
 
 
+# --- ranges: the archive cut at seek points, each range read by a Dask worker -------------------------------------
+
+
+@dataclass(frozen=True)
+class _Range:
+    number: int
+    start: int  # uncompressed offset: where its first folder is looked for (exact: where it is)
+    stop: int | None  # where the next range's is looked for (None: the archive's end)
+    exact: bool  # `start` is known to be the first folder's header
+    attempt: int = 0
+
+
+@dataclass
+class _RangeOutcome:
+    number: int
+    start: int | None  # the header where its first folder starts (None: no folder starts in it)
+    end: int | None  # the header where the next range's first folder starts (None: it read to the archive's end)
+    members: int
+    stray_files: list[str]
+    results: list[tuple[Any, dict[str, Any] | None, int]]  # _check_batch's, rows counted in its own spool files
+    files: list[str]  # its spool files, relative to the tiles directory
+
+
+def _ingest_ranges(
+    location: str,
+    tmp: Path,
+    checksum: Checksum,
+    per_shard: int,
+    channels: tuple[str, ...],
+    params: IngestParams,
+    validate_params: ValidateParams,
+) -> tuple[_Streamed, _Spool]:
+    """The archive at `location` (a local path or gs:// URL) indexed in one pass and then read in ranges by the
+    workers of the Dask cluster at DASK_SCHEDULER_ADDRESS, each from its own seek point (byte-range reads from the
+    object store), into spool files under `tmp`, which the workers must see (a LocalCluster, a shared filesystem).
+
+    Raises:
+        ChecksumMismatchError: the indexing pass hashed other bytes than expected; no range is read then.
+    """
+    from distributed import as_completed, get_client
+
+    client = get_client()
+    index_file = tmp / _SEEK_INDEX
+    log.info("indexing %s (one pass, seek points every %d KiB)", location, params.seek_spacing_kib)
+    index, root = client.submit(
+        _index_archive, location, str(index_file), checksum.algorithm, params.seek_spacing_kib << 10, params.workers,
+        pure=False,
+    ).result()  # fmt: skip
+    if index.digest != checksum.digest:
+        raise ChecksumMismatchError(
+            f"{location}: {checksum.algorithm} mismatch: expected {checksum.digest}, got {index.digest}; "
+            "nothing was written"
+        )
+    workers = sum(client.nthreads().values())
+    cuts = _cuts(index.points, index.size, params.ranges_per_worker * workers)
+    ranges = [_Range(k, cut, cuts[k + 1] if k + 1 < len(cuts) else None, exact=k == 0) for k, cut in enumerate(cuts)]
+    work = functools.partial(
+        _ingest_range,
+        location=location,
+        index=str(index_file),
+        tiles=str(tmp),
+        per_shard=per_shard,
+        channels=channels,
+        root=root,
+        validate_params=validate_params,
+    )
+    log.info("reading %s in %d ranges on %d Dask workers", location, len(ranges), workers)
+    outcomes: dict[int, _RangeOutcome] = {}
+    futures = [client.submit(work, r, pure=False) for r in ranges]
+    try:
+        with byte_bar(index.size, 0, f"ingest {Path(location).name}") as bar:
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes[outcome.number] = outcome
+                r = ranges[outcome.number]
+                bar.update((r.stop or index.size) - r.start)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    ordered = [outcomes[k] for k in range(len(ranges))]
+    for k in range(1, len(ordered)):
+        before, this = ordered[k - 1], ordered[k]
+        if this.start == before.end:
+            continue
+        # The range found its first folder elsewhere than the range before (which walked to it from the start) did.
+        log.warning("range %d of %s started at %s, not %s: read again from there", k, location, this.start, before.end)
+        _discard(tmp, this.files)
+        again = replace(ranges[k], start=before.end if before.end is not None else index.size, exact=True, attempt=1)
+        ordered[k] = (
+            client.submit(work, again, pure=False).result()
+            if before.end is not None
+            else _RangeOutcome(k, None, None, 0, [], [], [])
+        )
+    index_file.unlink()
+    return _merge_ranges(ordered, location, tmp, per_shard, len(channels), index, root)
+
+
+def _cuts(points: tuple[int, ...], size: int, ranges: int) -> list[int]:
+    """Where `ranges` ranges of about equal uncompressed size start: at seek points (the first at 0)."""
+    cuts = [0]
+    for k in range(1, ranges):
+        i = bisect.bisect_left(points, k * size / ranges)
+        if i < len(points) and points[i] > cuts[-1]:
+            cuts.append(points[i])
+    return cuts
+
+
+def _index_archive(location: str, index: str, algorithm: str, spacing: int, threads: int) -> tuple[SeekIndex, str]:
+    """On a worker: the seek index (and digest) of the archive, and its dataset root."""
+    try:
+        built = build_index(
+            functools.partial(_open_archive, location), Path(index), algorithm=algorithm, spacing=spacing,
+            threads=threads,
+        )  # fmt: skip
+    except ValueError as exc:  # rapidgzip's word for bytes that are not gzip
+        raise DownloadError(f"{location}: cannot read as a gzip file: {exc}") from exc
+    with _open_archive(location) as raw, open_indexed(raw, built.path) as tar_bytes:
+        return built, dataset_root(tar_bytes, ben.PATCH_NAME_RE)
+
+
+def _ingest_range(
+    part: _Range,
+    *,
+    location: str,
+    index: str,
+    tiles: str,
+    per_shard: int,
+    channels: tuple[str, ...],
+    root: str,
+    validate_params: ValidateParams,
+) -> _RangeOutcome:
+    """On a worker: validate's checks of each folder of one range, the channels of those that pass into spool files
+    of its own."""
+    stats = StreamStats()
+    pattern = f"{SHARD_DIR}/range-{part.number:05d}.{part.attempt}-{{:05d}}.npy"
+    spool = _Spool(Path(tiles), per_shard, len(channels), pattern=pattern)
+    results: list[tuple[Any, dict[str, Any] | None, int]] = []
+    with _open_archive(location) as raw, open_indexed(raw, Path(index)) as tar_bytes:
+        folders = range_folders(
+            tar_bytes,
+            location,
+            start=part.start,
+            stop=part.stop,
+            root=root,
+            exact=part.exact,
+            wanted=lambda name: set(expected_files(name)),
+            is_item=ben.PATCH_NAME_RE,
+            stats=stats,
+        )
+        for folder in folders:
+            batch = [(folder.name, folder.files, sorted(folder.entries), spool.add())]
+            results += _check_batch(batch, spool=spool.where(), channels=channels, validate_params=validate_params)
+    return _RangeOutcome(part.number, stats.start, stats.end, stats.members, stats.stray_files, results, spool.names())
+
+
+def _merge_ranges(
+    ordered: list[_RangeOutcome],
+    location: str,
+    tmp: Path,
+    per_shard: int,
+    channels: int,
+    index: SeekIndex,
+    root: str,
+) -> tuple[_Streamed, _Spool]:
+    """The ranges' outcomes as one stream's: their spool files renamed into one sequence, their rows numbered in it."""
+    streamed = _Streamed()
+    streamed.stats = StreamStats(root=root, digest=index.digest, compressed_bytes=index.compressed_bytes)
+    files = 0
+    for outcome in ordered:
+        for name in outcome.files:
+            (tmp / name).rename(tmp / SHARD_PATTERN.format(files))
+            files += 1
+        base = (files - len(outcome.files)) * per_shard
+        for check, record, row in outcome.results:
+            if check.patch_id in streamed.rows:
+                raise DownloadError(
+                    f"{location}: folder {check.patch_id} comes back after other folders' members: the stream reads "
+                    "archives whose folders are contiguous, as tar writes them (tasks.download extracts others)"
+                )
+            streamed.checks.append(check)
+            streamed.rows[check.patch_id] = base + row
+            if record is not None:
+                streamed.records[check.patch_id] = record
+        streamed.stats.members += outcome.members
+        streamed.stats.stray_files += outcome.stray_files
+    if not any(ben.PATCH_NAME_RE.fullmatch(c.patch_id) for c in streamed.checks):
+        raise DownloadError(f"{location}: the archive holds no BigEarthNet patch folders")
+    return streamed, _Spool(tmp, per_shard, channels, adopt=files)
+
+
+def _discard(tmp: Path, names: list[str]) -> None:
+    for name in names:
+        (tmp / name).unlink(missing_ok=True)
+
+
+def _open_archive(location: str) -> IO[bytes]:
+    """The compressed archive, seekable: a local file, or an object read with range requests."""
+    if location.startswith("gs://"):
+        from google.api_core.exceptions import NotFound
+
+        bucket, name = split_gs_url(location)
+        blob = gcs_client().bucket(bucket).blob(name)
+        try:
+            blob.reload()
+        except NotFound as exc:
+            raise DownloadError(f"{location}: no such object") from exc
+        return blob.open("rb", chunk_size=_RANGE_REQUEST)
+    return Path(location).open("rb")
+
+
 # --- the spool: the shard files, filled in arrival order, then put in name order ----------------------------------
 
 
@@ -332,19 +560,28 @@ class _Spool:
     with positioned I/O, not memory maps: mapped pages stay resident in whichever process touched them, so memory
     would grow with the archive."""
 
-    def __init__(self, tiles: Path, per_shard: int, channels: int) -> None:
+    def __init__(
+        self, tiles: Path, per_shard: int, channels: int, *, pattern: str = SHARD_PATTERN, adopt: int = 0
+    ) -> None:
+        """Spool files named `pattern`.format(number) under `tiles`: new ones, or the first `adopt` already there
+        (every row of them counted as spooled)."""
         self.tiles = tiles
         self.per_shard = per_shard
         self.channels = channels
-        self.rows = 0
-        self.files = 0
-        (tiles / SHARD_DIR).mkdir()
-        self._new_file()
+        self.pattern = pattern
+        self.files = adopt
+        self.rows = adopt * per_shard
+        (tiles / SHARD_DIR).mkdir(exist_ok=True)
+        if not adopt:
+            self._new_file()
         # The .npy header's length: the same in every spool file (same shape), known before any row is written.
-        self.data_offset = _data_offset(tiles / shard_name(0))
+        self.data_offset = _data_offset(tiles / pattern.format(0))
 
     def where(self) -> _Where:
-        return _Where(str(self.tiles), self.per_shard, patch_bytes(self.channels), self.data_offset)
+        return _Where(str(self.tiles), self.per_shard, patch_bytes(self.channels), self.data_offset, self.pattern)
+
+    def names(self) -> list[str]:
+        return [self.pattern.format(k) for k in range(self.files)]
 
     def add(self) -> int:
         row = self.rows
@@ -354,7 +591,7 @@ class _Spool:
         return row
 
     def _new_file(self) -> None:
-        create_shard(self.tiles / shard_name(self.files), self.per_shard, self.channels)
+        create_shard(self.tiles / self.pattern.format(self.files), self.per_shard, self.channels)
         self.files += 1
 
     def arrange(self, destination: np.ndarray) -> None:
@@ -429,10 +666,11 @@ class _Where:
     per_shard: int
     row_bytes: int
     data_offset: int
+    pattern: str
 
     def position(self, row: int) -> tuple[Path, int]:
         return (
-            Path(self.tiles) / shard_name(row // self.per_shard),
+            Path(self.tiles) / self.pattern.format(row // self.per_shard),
             self.data_offset + (row % self.per_shard) * self.row_bytes,
         )
 
@@ -491,8 +729,14 @@ def _write_tiles(
     destination = np.full(spool.rows, -1, dtype=np.int64)
     for position, patch_id in enumerate(kept):
         destination[streamed.rows[patch_id]] = position
+    # The other rows (quarantined patches, rows a range left unfilled) go past the kept ones: those already there stay.
     dropped = np.flatnonzero(destination < 0)
-    destination[dropped] = np.arange(len(kept), spool.rows)
+    staying = dropped[dropped >= len(kept)]
+    destination[staying] = staying
+    free = np.ones(spool.rows, dtype=bool)
+    free[: len(kept)] = False
+    free[staying] = False
+    destination[dropped[dropped < len(kept)]] = np.flatnonzero(free)
     spool.arrange(destination)
     shard_names = spool.finish(len(kept))
 
@@ -521,8 +765,15 @@ _Runner = Callable[..., cf.Future]
 
 
 @contextlib.contextmanager
-def _runner(workers: int) -> Iterator[_Runner]:
-    """Submit work to `workers` processes, or run it here at once with one worker (tests, debugging)."""
+def _runner(workers: int, address: str | None = None) -> Iterator[_Runner]:
+    """Submit work to the Dask cluster at `address`, to `workers` processes, or run it here at once with one worker
+    (tests, debugging)."""
+    if address:
+        from distributed import Client
+
+        with Client(address) as client:
+            yield client.submit
+        return
     if workers == 1:
 
         def inline(fn: Callable[..., Any], *args: Any) -> cf.Future:

@@ -16,6 +16,7 @@ cores are already busy parsing tar headers and decoding bands (docs/benchmarks.m
 from __future__ import annotations
 
 import bz2
+import contextlib
 import hashlib
 import io
 import re
@@ -55,6 +56,8 @@ class StreamStats:
     root: str = ""  # the dataset root inside the archive ("" when the folders are at its top level)
     stray_files: list[str] = field(default_factory=list)  # files directly under the root (validate's ignored files)
     digest: str | None = None  # of the compressed file, once it has been read to its end
+    start: int | None = None  # of a range (range_folders): the header where its first folder starts
+    end: int | None = None  # of a range: the header where the next range's first folder starts (None: the end)
 
 
 def stream_folders(
@@ -101,17 +104,28 @@ def stream_folders(
 
 def _folders(
     tar: tarfile.TarFile,
-    archive: Path,
+    archive: Path | str,
     wanted: Callable[[str], set[str]],
     is_item: re.Pattern[str],
     stats: StreamStats,
+    *,
+    root: str | None = None,
+    stop: int | None = None,
+    first: tarfile.TarInfo | None = None,
 ) -> Iterator[StreamedFolder]:
-    top: str | None = None  # the single top-level folder, once the first member has shown whether there is one
+    """The folders of the members from `first` (else the next one) on; up to the first folder that starts at or after
+    `stop` (see _FolderStart) when one is given. `root` is the dataset root when already known."""
+    top = root  # the single top-level folder ("" if none), once the first member has shown whether there is one
     current: StreamedFolder | None = None
     wanted_now: set[str] = set()
     done: set[str] = set()
-    while (member := tar.next()) is not None:
-        tar.members.clear()  # the list of every TarInfo would grow with the archive
+    boundary = _FolderStart(stop, root) if stop is not None else None
+    if root is not None:
+        stats.root = root
+    for member in _members(tar, first):
+        if boundary is not None and boundary.reached(member):
+            stats.end = member.offset
+            break
         stats.members += 1
         problem = member_problem(member)
         if problem:
@@ -123,6 +137,8 @@ def _folders(
             wrapped = not is_item.fullmatch(parts[0]) and (member.isdir() or len(parts) > 1)
             top = parts[0] if wrapped else ""
             stats.root = top
+            if boundary is not None:
+                boundary.root = top
         if top:
             if parts[0] != top:
                 raise DownloadError(
@@ -154,10 +170,136 @@ def _folders(
         if len(parts) == 2 and member.isreg() and parts[1] in wanted_now:
             # The same name twice: extraction keeps the last copy, and so does this.
             current.files[parts[1]] = tar.extractfile(member).read()
-    if top is None:
+    if top is None and root is None:
         raise DownloadError(f"{archive}: the archive is empty")
     if current is not None:
         yield current
+
+
+def _members(tar: tarfile.TarFile, first: tarfile.TarInfo | None = None) -> Iterator[tarfile.TarInfo]:
+    if first is not None:
+        yield first
+    while (member := tar.next()) is not None:
+        tar.members.clear()  # the list of every TarInfo would grow with the archive
+        yield member
+
+
+# --- ranges: one archive read in pieces, each from its own seek point ---------------------------------------------
+
+
+def range_folders(
+    tar_bytes: IO[bytes],
+    archive: str,
+    *,
+    start: int,
+    stop: int | None,
+    root: str | None,
+    exact: bool,
+    wanted: Callable[[str], set[str]],
+    is_item: re.Pattern[str],
+    stats: StreamStats,
+) -> Iterator[StreamedFolder]:
+    """The folders of one range of a tar archive read from a seekable file of its uncompressed bytes.
+
+    A range holds the folders that start (see _FolderStart) at or after `start` and before `stop` (None: the end).
+    Where its first folder starts is known only to the range before, which read up to it: without `exact`, this
+    range looks for the first tar header at or after `start` and walks from there to its first folder start. The
+    header is found by its checksum, which file contents could in principle imitate, so the range records where it
+    began (`stats.start`) and the range before where it ended (`stats.end`): where the two differ, the caller reads
+    this range again with `exact` from the end the range before found, which is certain (it was walked from the
+    archive's start, by induction). With `exact`, `start` is a member's header (0 for the first range).
+
+    Every member from this range's first folder start on is checked as stream_folders checks them; the members
+    before it belong to the range before and are not. `stats.start` stays None when no folder starts in the range.
+    """
+    if exact:
+        tar_bytes.seek(start)
+        with tarfile.open(fileobj=tar_bytes, mode="r:") as tar:
+            stats.start = start
+            yield from _folders(tar, archive, wanted, is_item, stats, root=root, stop=stop)
+        return
+    header = _next_header(tar_bytes, start)
+    if header is None:
+        return
+    tar_bytes.seek(header)
+    lead_in = _FolderStart(start, root)
+    with contextlib.ExitStack() as stack:
+        try:
+            tar = stack.enter_context(tarfile.open(fileobj=tar_bytes, mode="r:"))
+            first = next((m for m in _members(tar) if lead_in.reached(m)), None)
+        except tarfile.TarError:
+            return  # not a header after all: the caller reads the range again from the range before's end
+        if first is None:
+            return
+        stats.start = first.offset
+        yield from _folders(tar, archive, wanted, is_item, stats, root=root, stop=stop, first=first)
+
+
+def dataset_root(tar_bytes: IO[bytes], is_item: re.Pattern[str]) -> str:
+    """The dataset root as stream_folders finds it, from the archive's first member."""
+    tar_bytes.seek(0)
+    with tarfile.open(fileobj=tar_bytes, mode="r:") as tar:
+        member = tar.next()
+    if member is None:
+        raise DownloadError("the archive is empty")
+    parts = PurePosixPath(member.name).parts
+    wrapped = bool(parts) and not is_item.fullmatch(parts[0]) and (member.isdir() or len(parts) > 1)
+    return parts[0] if wrapped else ""
+
+
+class _FolderStart:
+    """Finds where a range ends and the next begins: among the members whose own header is at or after `offset`, less
+    the first of them, the first whose folder differs from the folder of the member before it.
+
+    Both ranges decide it from the same members, so both find the same one. A member's place is its own header's, not
+    that of the pax or GNU long-name header before it; the first member is left out because the range after may have
+    found its header without the long name before it, that is, truncated.
+    """
+
+    def __init__(self, offset: int, root: str | None) -> None:
+        self.offset = offset
+        self.root = root
+        self._previous: str | None = None
+        self._first_seen = False
+
+    def reached(self, member: tarfile.TarInfo) -> bool:
+        if member.offset_data - tarfile.BLOCKSIZE < self.offset:
+            return False
+        if not self._first_seen:
+            self._first_seen = True
+            return False
+        folder = _folder_of(member, self.root or "")
+        if folder is None:
+            return False
+        if self._previous is not None and folder != self._previous:
+            return True
+        self._previous = folder
+        return False
+
+
+def _folder_of(member: tarfile.TarInfo, root: str) -> str | None:
+    """The folder directly under `root` a member belongs to; None for the root itself and files directly in it."""
+    parts = PurePosixPath(member.name).parts
+    if root:
+        if not parts or parts[0] != root:
+            return None
+        parts = parts[1:]
+    if not parts or (len(parts) == 1 and not member.isdir()):
+        return None
+    return parts[0]
+
+
+def _next_header(tar_bytes: IO[bytes], offset: int) -> int | None:
+    """The first 512-byte block at or after `offset` (on tar's 512-byte grid) that parses as a tar header."""
+    position = -(-offset // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    tar_bytes.seek(position)
+    while len(block := tar_bytes.read(tarfile.BLOCKSIZE)) == tarfile.BLOCKSIZE:
+        try:
+            tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+            return position
+        except tarfile.HeaderError:
+            position += tarfile.BLOCKSIZE
+    return None
 
 
 def _decompressor(raw: IO[bytes], compression: str) -> IO[bytes]:
