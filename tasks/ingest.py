@@ -12,6 +12,9 @@ what download → validate → tile write for the same archive, byte for byte in
 Shards come out in patch-name order, as the tile step writes them, whatever the archive's order: each patch's
 channels are spooled into the shard files as they arrive and put in place once validation has said which patches
 stay (an in-place permutation), so no second copy of the tiles ever exists on disk.
+
+With DASK_SCHEDULER_ADDRESS set, a gzip archive (a local path or gs://) is instead indexed in one pass and read in
+ranges by that cluster's workers, each from its own seek point (docs/steps/ingest.md, "On a Dask cluster").
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -385,6 +389,7 @@ def _ingest_ranges(
     client = get_client()
     index_file = tmp / _SEEK_INDEX
     log.info("indexing %s (one pass, seek points every %d KiB)", location, params.seek_spacing_kib)
+    started = time.perf_counter()
     index, root = client.submit(
         _index_archive, location, str(index_file), checksum.algorithm, params.seek_spacing_kib << 10, params.workers,
         pure=False,
@@ -394,6 +399,7 @@ def _ingest_ranges(
             f"{location}: {checksum.algorithm} mismatch: expected {checksum.digest}, got {index.digest}; "
             "nothing was written"
         )
+    log.info("indexed %s in %.1f s: %d seek points", location, time.perf_counter() - started, len(index.points))
     workers = sum(client.nthreads().values())
     cuts = _cuts(index.points, index.size, params.ranges_per_worker * workers)
     ranges = [_Range(k, cut, cuts[k + 1] if k + 1 < len(cuts) else None, exact=k == 0) for k, cut in enumerate(cuts)]
@@ -408,6 +414,7 @@ def _ingest_ranges(
         validate_params=validate_params,
     )
     log.info("reading %s in %d ranges on %d Dask workers", location, len(ranges), workers)
+    started = time.perf_counter()
     outcomes: dict[int, _RangeOutcome] = {}
     futures = [client.submit(work, r, pure=False) for r in ranges]
     try:
@@ -435,6 +442,7 @@ def _ingest_ranges(
             else _RangeOutcome(k, None, None, 0, [], [], [])
         )
     index_file.unlink()
+    log.info("read %d ranges of %s in %.1f s", len(ranges), location, time.perf_counter() - started)
     return _merge_ranges(ordered, location, tmp, per_shard, len(channels), index, root)
 
 

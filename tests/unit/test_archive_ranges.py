@@ -10,11 +10,11 @@ import io
 import random
 import re
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tasks.lib.archive_stream import StreamStats, dataset_root, range_folders, stream_folders
+from tasks.lib.archive_stream import StreamStats, _parts, dataset_root, range_folders, stream_folders
 from tasks.lib.gzip_index import _InOrderHasher, build_index, open_indexed
 
 ITEM = re.compile(r"item-\d+(-x+)?")
@@ -112,6 +112,12 @@ def test_a_range_with_no_folder_start_is_empty():
     data = _dataset(folders=2)
     folders, stats = _walk(data, len(data) - 2 * tarfile.BLOCKSIZE, None, exact=False)
     assert folders == [] and stats.start is None and stats.members == 0
+
+
+@pytest.mark.parametrize("name", ["a", "a/b/c.tif", "./a/b", "/a", "a//b", "a/./b", "a/", "a/.", ".", "", "..",
+                                  "a/../b", "...", ".a/b.", "a/.b"])  # fmt: skip
+def test_member_names_split_as_pathlib_splits_them(name):
+    assert _parts(name) == PurePosixPath(name).parts
 
 
 def test_the_dataset_root_is_found_as_the_stream_finds_it(tmp_path):
