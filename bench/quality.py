@@ -251,13 +251,12 @@ def _first_champion_verdict(run_id: str, result: Any) -> dict[str, Any]:
 
     from tasks.evaluate import EvaluateParams
     from tasks.lib import registry
-    from tasks.lib.gate_rules import Candidate, GateParams, decide, reasons_for, slice_table
-    from tasks.lib.metrics import OPERATING_THRESHOLD
+    from tasks.lib.gate_rules import GateParams, candidate, decide, reasons_for
 
     columns = load_section("evaluate", EvaluateParams).slice_columns
-    slices = slice_table(result.predictions, result.metrics[OPERATING_THRESHOLD], columns)
     metrics = result.metrics | registry.run_cost(MlflowClient(), run_id)
-    decision, checks = decide(Candidate("-", run_id, metrics, slices), None, None, load_section("gate", GateParams))
+    model = candidate("-", run_id, metrics, result.predictions, columns)
+    decision, checks = decide(model, None, None, load_section("gate", GateParams))
     return {"decision": decision, "reasons": list(reasons_for(checks))}
 
 

@@ -79,10 +79,10 @@ from tasks.lib.gate_rules import (
     GateParams,
     Rollback,
     Verdict,
+    candidate,
     decide,
     pair,
     reasons_for,
-    slice_table,
     who,
 )
 from tasks.lib.metrics import OPERATING_THRESHOLD
@@ -91,12 +91,6 @@ from tasks.lib.tracking import CHAMPION, GATE_FILE, PREVIOUS_CHAMPION
 from tasks.sample import NATURAL_FILE
 
 log = logging.getLogger(__name__)
-
-
-def _candidate(
-    version: str, run_id: str | None, metrics: dict[str, float], predictions: pd.DataFrame, columns: tuple[str, ...]
-) -> Candidate:
-    return Candidate(version, run_id, metrics, slice_table(predictions, metrics[OPERATING_THRESHOLD], columns))
 
 
 def _evaluate(
@@ -120,10 +114,10 @@ def _same_data(summary: dict[str, Any], manifest: Path) -> bool:
     )
 
 
-def _report(candidate: Candidate, rules: GateParams) -> dict[str, Any]:
+def _report(model: Candidate, rules: GateParams) -> dict[str, Any]:
     names = dict.fromkeys([*SUMMARY_METRICS, *rules.floors, *rules.non_regression, COST_METRIC])
-    metrics = {name: candidate.metrics[name] for name in names if name in candidate.metrics}
-    return {"version": candidate.version, "run_id": candidate.run_id, **metrics}
+    metrics = {name: model.metrics[name] for name in names if name in model.metrics}
+    return {"version": model.version, "run_id": model.run_id, **metrics}
 
 
 def _already_champion(client: Any, name: str, run_id: str, version: str) -> Verdict:
@@ -227,7 +221,7 @@ def gate(
             uri = f"models:/{registered_model}/{champion_version}"
             theirs, their_predictions = _evaluate(uri, "champion", data_manifest, data_tiles, eval_params)
             champion_run = client.get_model_version(registered_model, champion_version).run_id
-            champion = _candidate(
+            champion = candidate(
                 champion_version,
                 champion_run,
                 theirs | registry.run_cost(client, champion_run),
@@ -235,7 +229,7 @@ def gate(
                 columns,
             )
             paired = pair(predictions, their_predictions, metrics[OPERATING_THRESHOLD], theirs[OPERATING_THRESHOLD])
-    challenger = _candidate(version, run_id, metrics | registry.run_cost(client, run_id), predictions, columns)
+    challenger = candidate(version, run_id, metrics | registry.run_cost(client, run_id), predictions, columns)
 
     digest = file_digest(data_manifest, "sha256") if reevaluated else summary["data"].get("manifest_sha256")
 

@@ -96,6 +96,12 @@ def metadata_record(patch_id: str, raw: bytes) -> dict[str, Any]:
     }
 
 
+def metadata_record_of_row(patch_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    """What metadata_record gives for a patch whose checks passed, from the fields tasks.validate already parsed out
+    of the same JSON (its check's `row`): the stream keeps one copy of them per patch, not two."""
+    return {"patch_id": patch_id, **{key: row[key] for key in _JSON_COLUMNS if key != "patch_id"}}
+
+
 def metadata_frame(records: list[dict[str, Any]], known: dict[str, list[Any]]) -> pd.DataFrame:
     """One partition of metadata.parquet from `metadata_record`s and the driver's columns (same order)."""
     frame = pd.DataFrame(records, columns=list(_JSON_COLUMNS))
@@ -137,8 +143,9 @@ def _metadata_schema() -> Any:
 
 def metadata_parquet(read_batch: Callable[..., pd.DataFrame], batches: list[Any], path: Path) -> Any:
     """The uncomputed write of metadata.parquet: one partition per batch, `read_batch(batch, known)` each, where
-    `known` holds the batch's official-list and name-table columns (a batch is a list of folders, or of records
-    whose first key is the patch id). Workers write the partitions themselves: no driver holds the whole table."""
+    `known` holds the batch's official-list and name-table columns (a batch is a list of folders, of records whose
+    first key is the patch id, or of (patch id, check row) pairs). Workers write the partitions themselves: no driver
+    holds the whole table."""
     import dask
     import dask.dataframe as dd
 
@@ -150,6 +157,8 @@ def metadata_parquet(read_batch: Callable[..., pd.DataFrame], batches: list[Any]
 
 
 def _batch_patch_id(item: Any) -> str:
+    if isinstance(item, tuple):  # (patch_id, its check's row)
+        return item[0]
     return item["patch_id"] if isinstance(item, dict) else Path(item).name
 
 

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from tasks.lib.config import StepParams
 from tasks.lib.errors import GateError
 from tasks.lib.files import jsonable
-from tasks.lib.metrics import slice_metrics
+from tasks.lib.metrics import OPERATING_THRESHOLD, slice_metrics
 
 PROMOTE = "promote"
 REJECT = "reject"
@@ -166,6 +166,14 @@ def pair(
     right_a = (a["score"] >= challenger_threshold).astype(int) == label
     right_b = (b["score"] >= champion_threshold).astype(int) == label
     return Paired(len(a), mcnemar(int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())))
+
+
+def candidate(
+    version: str, run_id: str | None, metrics: dict[str, float], predictions: pd.DataFrame, columns: tuple[str, ...]
+) -> Candidate:
+    """A model as the gate sees it: `metrics` (with its run's cost, when it has one), and the slices of its test
+    predictions at its own operating threshold."""
+    return Candidate(version, run_id, metrics, slice_table(predictions, metrics[OPERATING_THRESHOLD], columns))
 
 
 def slice_table(predictions: pd.DataFrame, threshold: float, columns: tuple[str, ...] | list[str]) -> pd.DataFrame:
