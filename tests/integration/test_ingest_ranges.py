@@ -4,8 +4,6 @@ bytes and verdicts, repairs a range that started at an imitated header, and keep
 
 from __future__ import annotations
 
-import gzip
-import io
 import logging
 import re
 import tarfile
@@ -127,18 +125,9 @@ def _with_imitated_header(source: Path, out: Path) -> tuple[Path, int]:
                     fake.type = tarfile.DIRTYPE
                     imitation = tarfile.TarInfo(f"{member.name}/imitation.bin")
                     members.append((imitation, fake.tobuf(tarfile.PAX_FORMAT) + b"garbage" * 100))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
-        offset = next(m.offset_data for m in tar if m.name.endswith("imitation.bin"))
-    out.mkdir(parents=True)
-    path = out / source.name
-    path.write_bytes(gzip.compress(buf.getvalue(), 6))
-    return path, offset
+    path = _archive(out / source.name, members)
+    with tarfile.open(path, "r:gz") as tar:
+        return path, next(m.offset_data for m in tar if m.name.endswith("imitation.bin"))
 
 
 def test_a_wrong_checksum_stops_before_any_range_is_read(on_cluster, faulty_mirror, tmp_path):
