@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -45,7 +46,13 @@ from tasks.lib.archive import compression_of
 from tasks.lib.archive_stream import StreamedFolder, StreamStats, dataset_root, range_folders, stream_folders
 from tasks.lib.checksums import Checksum
 from tasks.lib.config import StepParams, load_section
-from tasks.lib.errors import ChecksumMismatchError, DownloadError, TilingError, ValidationFailedError
+from tasks.lib.errors import (
+    ChecksumMismatchError,
+    DownloadError,
+    TilingError,
+    UnsafeArchiveError,
+    ValidationFailedError,
+)
 from tasks.lib.files import atomic_dir, write_json
 from tasks.lib.gcs import gcs_client, split_gs_url
 from tasks.lib.gzip_index import SeekIndex, build_index, open_indexed
@@ -374,6 +381,8 @@ class _RangeOutcome:
     stray_files: list[str]
     results: list[tuple[Any, int]]  # _check_batch's, rows counted in its own spool files
     files: list[str]  # its spool files, relative to the tiles directory
+    # What stopped a range that searched for its start: real only if that start proves right (see _ingest_ranges).
+    error: Exception | None = None
 
 
 def _ingest_ranges(
@@ -443,12 +452,14 @@ def _ingest_ranges(
         # The range found its first folder elsewhere than the range before (which walked to it from the start) did.
         log.warning("range %d of %s started at %s, not %s: read again from there", k, location, this.start, before.end)
         _discard(tmp, this.files)
-        again = replace(ranges[k], start=before.end if before.end is not None else index.size, exact=True, attempt=1)
-        ordered[k] = (
-            client.submit(work, again, pure=False).result()
-            if before.end is not None
-            else _RangeOutcome(k, None, None, 0, [], [], [])
-        )
+        if before.end is None:  # the range before read to the archive's end: nothing is left for this one
+            ordered[k] = _RangeOutcome(k, None, None, 0, [], [], [])
+        else:
+            again = replace(ranges[k], start=before.end, exact=True, attempt=1)
+            ordered[k] = client.submit(work, again, pure=False).result()
+    for outcome in ordered:
+        if outcome.error is not None:  # the range began where the range before ended: what it met is in the archive
+            raise outcome.error
     index_file.unlink()
     log.info("read %d ranges of %s in %.1f s", len(ranges), location, time.perf_counter() - started)
     return _merge_ranges(ordered, location, tmp, per_shard, len(channels), index, root)
@@ -494,6 +505,7 @@ def _ingest_range(
     pattern = f"{SHARD_DIR}/range-{part.number:05d}.{part.attempt}-{{:05d}}.npy"
     spool = _Spool(Path(tiles), per_shard, len(channels), pattern=pattern)
     results: list[tuple[Any, int]] = []
+    error = None
     with _open_archive(location) as raw, open_indexed(raw, Path(index)) as tar_bytes:
         folders = range_folders(
             tar_bytes,
@@ -506,10 +518,21 @@ def _ingest_range(
             is_item=ben.PATCH_NAME_RE,
             stats=stats,
         )
-        for folder in folders:
-            batch = [(folder.name, folder.files, sorted(folder.entries), spool.add())]
-            results += _check_batch(batch, spool=spool.where(), channels=channels, validate_params=validate_params)
-    return _RangeOutcome(part.number, stats.start, stats.end, stats.members, stats.stray_files, results, spool.names())
+        try:
+            for folder in folders:
+                batch = [(folder.name, folder.files, sorted(folder.entries), spool.add())]
+                results += _check_batch(batch, spool=spool.where(), channels=channels, validate_params=validate_params)
+        except (tarfile.TarError, EOFError, ValueError, UnsafeArchiveError, DownloadError) as exc:
+            if isinstance(exc, tarfile.TarError | EOFError | ValueError):  # as stream_folders words it
+                exc = DownloadError(f"{location}: cannot read as a tar archive: {exc}")
+            if part.exact:
+                raise exc from None
+            # Walked from a header found by its checksum: a false one would lead into file data, so the driver
+            # decides, once it knows whether this range began where the range before ended.
+            error = exc
+    return _RangeOutcome(
+        part.number, stats.start, stats.end, stats.members, stats.stray_files, results, spool.names(), error
+    )
 
 
 def _merge_ranges(

@@ -137,8 +137,7 @@ def _folders(
         if not parts:
             continue
         if top is None:
-            wrapped = not is_item.fullmatch(parts[0]) and (member.isdir() or len(parts) > 1)
-            top = parts[0] if wrapped else ""
+            top = _root_of(member, parts, is_item)
             stats.root = top
             if boundary is not None:
                 boundary.root = top
@@ -265,8 +264,13 @@ def dataset_root(tar_bytes: IO[bytes], is_item: re.Pattern[str]) -> str:
         member = tar.next()
     if member is None:
         raise DownloadError("the archive is empty")
-    parts = PurePosixPath(member.name).parts
-    wrapped = bool(parts) and not is_item.fullmatch(parts[0]) and (member.isdir() or len(parts) > 1)
+    parts = _parts(member.name)
+    return _root_of(member, parts, is_item) if parts else ""
+
+
+def _root_of(first: tarfile.TarInfo, parts: tuple[str, ...], is_item: re.Pattern[str]) -> str:
+    """The dataset root, from the archive's first member: its single top folder when that is not an item's."""
+    wrapped = not is_item.fullmatch(parts[0]) and (first.isdir() or len(parts) > 1)
     return parts[0] if wrapped else ""
 
 

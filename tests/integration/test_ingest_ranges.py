@@ -113,21 +113,43 @@ def test_a_range_started_at_an_imitated_header_is_read_again(on_cluster, faulty_
 def _with_imitated_header(source: Path, out: Path) -> tuple[Path, int]:
     """`source` rewritten with a file `imitation.bin` in its tenth folder, holding a tar header block; returns the
     archive and the uncompressed offset of that block."""
+
+    def imitation(folder: tarfile.TarInfo) -> tuple[tarfile.TarInfo, bytes]:
+        fake = tarfile.TarInfo(f"{Path(folder.name).parts[0]}/S2A_MSIL2A_20170613T101031_99_99")
+        fake.type = tarfile.DIRTYPE
+        return tarfile.TarInfo(f"{folder.name}/imitation.bin"), fake.tobuf(tarfile.PAX_FORMAT) + b"garbage" * 100
+
+    path = _with_member(source, out, imitation, in_folder=10)
+    with tarfile.open(path, "r:gz") as tar:
+        return path, next(m.offset_data for m in tar if m.name.endswith("imitation.bin"))
+
+
+def _with_member(source: Path, out: Path, extra, in_folder: int) -> Path:
+    """`source` rewritten with the member `extra(folder)` makes added to its `in_folder`-th folder."""
     folders_seen, members = 0, []
     with tarfile.open(source, "r:gz") as tar:
         for member in tar:
-            data = tar.extractfile(member).read() if member.isfile() else None
-            members.append((member, data))
+            members.append((member, tar.extractfile(member).read() if member.isfile() else None))
             if member.isdir() and len(Path(member.name).parts) == 2:
                 folders_seen += 1
-                if folders_seen == 10:
-                    fake = tarfile.TarInfo(f"{Path(member.name).parts[0]}/S2A_MSIL2A_20170613T101031_99_99")
-                    fake.type = tarfile.DIRTYPE
-                    imitation = tarfile.TarInfo(f"{member.name}/imitation.bin")
-                    members.append((imitation, fake.tobuf(tarfile.PAX_FORMAT) + b"garbage" * 100))
-    path = _archive(out / source.name, members)
-    with tarfile.open(path, "r:gz") as tar:
-        return path, next(m.offset_data for m in tar if m.name.endswith("imitation.bin"))
+                if folders_seen == in_folder:
+                    members.append(extra(member))
+    return _archive(out / source.name, members)
+
+
+def test_an_unsafe_member_in_a_later_range_is_refused(on_cluster, faulty_mirror, tmp_path, caplog):
+    """A range that searched for its start reports what it met; the driver raises it once the chain shows the start
+    was right."""
+
+    def link(folder: tarfile.TarInfo) -> tuple[tarfile.TarInfo, None]:
+        info = tarfile.TarInfo(f"{folder.name}/escape")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        return info, None
+
+    archive = _with_member(faulty_mirror.archive, tmp_path / "src", link, in_folder=40)
+    with pytest.raises(UnsafeArchiveError, match=r"refusing member '.*/escape': it is a symlink"):
+        ingest_module.ingest(**_request(str(archive), archive, tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_wrong_checksum_stops_before_any_range_is_read(on_cluster, faulty_mirror, tmp_path):
