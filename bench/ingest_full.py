@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import hashlib
 import importlib
 import io
 import logging
@@ -44,6 +43,7 @@ from tasks.lib import bigearthnet as ben
 from tasks.lib.bands import BandReader
 from tasks.lib.checksums import Checksum
 from tasks.lib.config import load_section
+from tasks.lib.files import file_digest
 from tasks.mirror import MirrorParams, build_mirror
 from tasks.tile import TileParams
 from tasks.validate import ValidateParams
@@ -119,14 +119,6 @@ def _headers_per_patch(archive: Path) -> float:
             folders += member.isdir() and member.name.count("/") == 1
             tar.members.clear()
     return headers / folders
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _PHASE_LOGS = {"index": r"^indexed .* in ([\d.]+) s", "ranges": r"^read \d+ ranges of .* in ([\d.]+) s"}
@@ -292,7 +284,7 @@ def main() -> None:
     mirror = _mirror(args.work, args.patches)
     level = load_section("mirror", MirrorParams).compresslevel
     archive = _official_layout(mirror.archive, args.work / "mirrors", level)
-    sha256 = _sha256(archive)
+    sha256 = file_digest(archive, "sha256")
     n = len(mirror.patch_ids)
     headers = {"mirror": _headers_per_patch(mirror.archive), "official layout": _headers_per_patch(archive)}
     runs = args.work / "runs"
@@ -331,7 +323,8 @@ def main() -> None:
                 # 15,000. Both sizes take 0.15 (the real archive's share is 1.6 %), so they differ in size only.
                 m = _mirror(args.work, count, cloud_fraction=LARGE_CLOUD_FRACTION)
                 laid_out = _official_layout(m.archive, args.work / "mirrors", level)
-                seconds, rss, _, _ = _stream_cli(laid_out, _sha256(laid_out), runs / f"mem-{count}" / "out")
+                sha256_of = file_digest(laid_out, "sha256")
+                seconds, rss, _, _ = _stream_cli(laid_out, sha256_of, runs / f"mem-{count}" / "out")
                 memory[count] = (seconds, rss, len(m.patch_ids))
                 shutil.rmtree(runs / f"mem-{count}")
         ratios = _gzip_ratios(archive)

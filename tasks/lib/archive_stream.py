@@ -35,10 +35,7 @@ from isal import igzip, isal_zlib
 
 from tasks.lib.archive import member_problem
 from tasks.lib.errors import DownloadError, UnsafeArchiveError
-
-# Decompressed bytes read at a time from the inflater: a few tar members' worth, so tarfile's small reads are served
-# from a buffer instead of one call into the inflater each.
-_READ_BUFFER = 1 << 20
+from tasks.lib.gzip_index import READ_BUFFER
 
 
 @dataclass
@@ -95,9 +92,9 @@ def stream_folders(
             with tarfile.open(fileobj=_ForwardReader(decompressed), mode="r:") as tar:
                 yield from _folders(tar, archive, wanted, is_item, stats)
             # The end-of-archive blocks may leave padding and the compressed trailer unread: the digest is of all.
-            while decompressed.read(_READ_BUFFER):
+            while decompressed.read(READ_BUFFER):
                 pass
-            while hashed.read(_READ_BUFFER):
+            while hashed.read(READ_BUFFER):
                 pass
         except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, zlib.error, isal_zlib.error) as exc:
             raise DownloadError(f"{archive}: cannot read as a tar archive: {exc}") from exc
@@ -331,13 +328,13 @@ def _next_header(tar_bytes: IO[bytes], offset: int) -> int | None:
 
 def _decompressor(raw: IO[bytes], compression: str) -> IO[bytes]:
     if compression == "gz":
-        return io.BufferedReader(igzip.IGzipFile(fileobj=raw, mode="rb"), _READ_BUFFER)
+        return io.BufferedReader(igzip.IGzipFile(fileobj=raw, mode="rb"), READ_BUFFER)
     if compression == "bz2":
-        return io.BufferedReader(bz2.BZ2File(raw, mode="rb"), _READ_BUFFER)
+        return io.BufferedReader(bz2.BZ2File(raw, mode="rb"), READ_BUFFER)
     if compression == "zst":
         # read_across_frames: multi-threaded zstd writes several frames; stopping at the first truncates.
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, _READ_BUFFER)
+        return io.BufferedReader(reader, READ_BUFFER)
     return raw
 
 
@@ -401,6 +398,6 @@ class _ForwardReader:
         if position < self._position:
             raise tarfile.ReadError(f"cannot seek back to byte {position} of a stream at byte {self._position}")
         while self._position < position:
-            if not self.read(min(position - self._position, _READ_BUFFER)):
+            if not self.read(min(position - self._position, READ_BUFFER)):
                 break
         return self._position

@@ -24,8 +24,8 @@ import rapidgzip
 
 from tasks.lib.files import atomic_path
 
-# Decompressed bytes read at a time (as tasks.lib.archive_stream's _READ_BUFFER): tarfile's 512-byte header reads are
-# served from a buffer instead of one call into the inflater each.
+# Decompressed bytes read at a time (here and by tasks.lib.archive_stream): a few tar members' worth, so tarfile's
+# 512-byte header reads are served from a buffer instead of one call into the inflater each.
 READ_BUFFER = 1 << 20
 
 
