@@ -74,10 +74,11 @@ from tasks.tile import (
     fill_patch,
     merge_moments,
     metadata_frame,
-    metadata_parquet,
+    metadata_known,
     metadata_record_of_row,
     patches_per_shard,
     shard_moments,
+    write_metadata_part,
     write_tables,
 )
 from tasks.validate import (
@@ -783,10 +784,13 @@ def _write_tiles(
         for name, group in zip(shard_names, groups, strict=True)
     ]
     moments = merge_moments((f.result() for f in futures), spool.channels)
+    # tile's parts, one batch at a time here: only one batch's frame is ever held.
     fields = {c.patch_id: c.row for c in streamed.checks}
-    batches = [[(p, fields[p]) for p in kept[i : i + params.metadata_batch]]
-               for i in range(0, len(kept), params.metadata_batch)]  # fmt: skip
-    metadata_parquet(_metadata_frame_of_rows, batches, tmp / METADATA_FILE).compute(scheduler="sync")
+    (tmp / METADATA_FILE).mkdir()
+    for number, start in enumerate(range(0, len(kept), params.metadata_batch)):
+        batch = kept[start : start + params.metadata_batch]
+        write_metadata_part(str(tmp / METADATA_FILE), number, _metadata_frame_of_rows,
+                            [(p, fields[p]) for p in batch], metadata_known(batch))  # fmt: skip
     index = [(p, name, i) for name, group in zip(shard_names, groups, strict=True) for i, p in enumerate(group)]
     write_tables(tmp, index=index, moments=moments, shard_names=shard_names, skipped=skip, params=params)
     return len(kept), len(shard_names)

@@ -1,10 +1,11 @@
 """Turn validated BigEarthNet-S2 patches into training-ready band shards, a metadata table and band statistics.
 
 The output directory's format (its files, the shard layout, the channel sets and their order) is defined in
-tasks.lib.tiles. The metadata table is built from the JSON files in batches with `dask.dataframe.from_map`. `tiles.json`
-holds nothing tied to where or when the step ran: that goes to the `.<out>.state.json` file beside the output, used to
-skip unchanged re-runs. Quarantined patches (from the validation report) are skipped and listed in `tiles.json`. Work
-runs on a Dask cluster: a LocalCluster, or the one at DASK_SCHEDULER_ADDRESS.
+tasks.lib.tiles. The metadata table is built from the JSON files in batches, each written by a worker as one part of
+`metadata.parquet`. `tiles.json` holds nothing tied to where or when the step ran: that goes to the
+`.<out>.state.json` file beside the output, used to skip unchanged re-runs. Quarantined patches (from the validation
+report) are skipped and listed in `tiles.json`. Work runs on a Dask cluster: a LocalCluster, or the one at
+DASK_SCHEDULER_ADDRESS.
 """
 
 from __future__ import annotations
@@ -141,29 +142,25 @@ def _metadata_schema() -> Any:
     )
 
 
-def metadata_parquet(read_batch: Callable[..., pd.DataFrame], batches: list[Any], path: Path) -> Any:
-    """The uncomputed write of metadata.parquet: one partition per batch, `read_batch(batch, known)` each, where
-    `known` holds the batch's official-list and name-table columns (a batch is a list of folders, of records whose
-    first key is the patch id, or of (patch id, check row) pairs). Workers write the partitions themselves: no driver
-    holds the whole table."""
-    import dask
-    import dask.dataframe as dd
+def write_metadata_part(
+    directory: str, number: int, read_batch: Callable[..., pd.DataFrame], batch: list[Any], known: dict[str, list[Any]]
+) -> int:
+    """Write part `number` of metadata.parquet into `directory`: `read_batch(batch, known)`, where `known` holds the
+    batch's official-list and name-table columns (metadata_known). tile's workers and ingest's driver both write
+    through here, so their files are the same bytes. Returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    known = [_known_columns([_batch_patch_id(item) for item in batch]) for batch in batches]
-    # Without convert-string off, dask would turn the label lists into strings.
-    with dask.config.set({"dataframe.convert-string": False}):
-        metadata = dd.from_map(read_batch, batches, known, meta={**_JSON_COLUMNS, **_KNOWN_COLUMNS})
-        return metadata.to_parquet(path, write_index=False, schema=_metadata_schema(), compute=False)
-
-
-def _batch_patch_id(item: Any) -> str:
-    if isinstance(item, tuple):  # (patch_id, its check's row)
-        return item[0]
-    return item["patch_id"] if isinstance(item, dict) else Path(item).name
+    frame = read_batch(batch, known)
+    pq.write_table(
+        pa.Table.from_pandas(frame, schema=_metadata_schema(), preserve_index=False),
+        Path(directory) / f"part.{number}.parquet",
+    )
+    return len(frame)
 
 
-def _known_columns(patch_ids: list[str]) -> dict[str, list[Any]]:
-    """Columns from the official lists and the name table, for a batch of patches."""
+def metadata_known(patch_ids: list[str]) -> dict[str, list[Any]]:
+    """The metadata columns from the official lists and the name table, for a batch of patches (in their order)."""
     names = ben.name_table().reindex(patch_ids)
     return {
         "cloud": [p in ben.cloud_and_shadow_patches() for p in patch_ids],
@@ -418,10 +415,14 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
     with _dask_client(params.workers) as client, atomic_dir(out) as tmp:
         # The metadata table and the shards are built at the same time: shards need only the cloud flag, which is
         # official list membership by name, not anything in the JSON files.
-        batches = [[str(f) for f in folders[i : i + params.metadata_batch]]
-                   for i in range(0, len(folders), params.metadata_batch)]  # fmt: skip
         # Workers write the partitions themselves: the driver never holds the whole table (590k rows at full scale).
-        metadata_future = client.compute(metadata_parquet(_read_metadata_batch, batches, tmp / METADATA_FILE))
+        (tmp / METADATA_FILE).mkdir()
+        batches = [folders[i : i + params.metadata_batch] for i in range(0, len(folders), params.metadata_batch)]
+        metadata_futures = []
+        for number, batch in enumerate(batches):
+            known = metadata_known([f.name for f in batch])
+            part = (str(tmp / METADATA_FILE), number, _read_metadata_batch, [str(f) for f in batch], known)
+            metadata_futures.append(client.submit(write_metadata_part, *part, pure=False))
         clouds = ben.cloud_and_shadow_patches()
         (tmp / SHARD_DIR).mkdir()
         shard_names, sizes, index = [], {}, []
@@ -441,9 +442,9 @@ def tile(*, patches: Path, out: Path, params: TileParams, report: Path | None = 
                     for name, m in future.result().items():
                         moments[name] = moments[name].merge(m)
                     bar.update(sizes[future])
-            metadata_future.result()
+            client.gather(metadata_futures)
         except BaseException:
-            client.cancel([*sizes, metadata_future])  # don't leave the cluster busy with a failed run
+            client.cancel([*sizes, *metadata_futures])  # don't leave the cluster busy with a failed run
             raise
 
         write_tables(tmp, index=index, moments=moments, shard_names=shard_names, skipped=skip, params=params)
