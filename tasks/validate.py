@@ -71,7 +71,7 @@ class ValidationResult:
         return bool(self.report["success"])
 
 
-@dataclass
+@dataclass(slots=True)
 class _PatchCheck:
     """Outcome of the raster and JSON checks of one patch folder."""
 
