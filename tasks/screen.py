@@ -181,12 +181,12 @@ def _batches(
 
 
 def _score_here(
-    tiles: Path, table: pd.DataFrame, version: ModelVersion, batch_size: int, rgb: list[int] | None
+    tiles: Path, table: pd.DataFrame, version: ModelVersion, params: ScreenParams, rgb: list[int] | None
 ) -> np.ndarray:
-    scorer = load_scorer(version)
+    scorer = load_scorer(version, params.device)
     scores = np.empty(len(table), dtype=np.float32)
     with tqdm(total=len(table), unit="patch", desc=f"screen v{version.version}", disable=None) as bar:
-        for rows, patches in _batches(tiles, table, batch_size, rgb):
+        for rows, patches in _batches(tiles, table, params.batch_size, rgb):
             scores[rows] = _checked(scorer(patches), len(patches), version)
             bar.update(len(patches))
     return scores
@@ -195,19 +195,21 @@ def _score_here(
 _WORKER_SCORERS: dict[str, Scorer] = {}  # per Dask worker process: each version's model, loaded once
 
 
-def _score_shard(tiles: str, part: pd.DataFrame, version: ModelVersion, batch_size: int, rgb: list[int] | None) -> Any:
+def _score_shard(
+    tiles: str, part: pd.DataFrame, version: ModelVersion, params: ScreenParams, rgb: list[int] | None
+) -> Any:
     """On a Dask worker: the scores of one shard's rows."""
     scorer = _WORKER_SCORERS.get(version.uri)
     if scorer is None:
-        scorer = _WORKER_SCORERS[version.uri] = load_scorer(version)
+        scorer = _WORKER_SCORERS[version.uri] = load_scorer(version, params.device)
     out = np.empty(len(part), dtype=np.float32)
-    for rows, patches in _batches(Path(tiles), part.reset_index(drop=True), batch_size, rgb):
+    for rows, patches in _batches(Path(tiles), part.reset_index(drop=True), params.batch_size, rgb):
         out[rows] = _checked(scorer(patches), len(patches), version)
     return out
 
 
 def _score_on_cluster(
-    address: str, tiles: Path, table: pd.DataFrame, version: ModelVersion, batch_size: int, rgb: list[int] | None
+    address: str, tiles: Path, table: pd.DataFrame, version: ModelVersion, params: ScreenParams, rgb: list[int] | None
 ) -> np.ndarray:
     from distributed import Client, as_completed
 
@@ -216,7 +218,7 @@ def _score_on_cluster(
     groups = table.groupby("shard", sort=False).indices  # shard → row positions (the table is in shard order)
     with Client(address) as client:
         futures = {
-            client.submit(_score_shard, str(tiles), table.iloc[rows], version, batch_size, rgb, pure=False): rows
+            client.submit(_score_shard, str(tiles), table.iloc[rows], version, params, rgb, pure=False): rows
             for rows in groups.values()
         }
         with tqdm(total=len(table), unit="patch", desc=f"screen v{version.version}", disable=None) as bar:
@@ -361,9 +363,9 @@ def _screen(
         started = time.perf_counter()
         address = os.environ.get("DASK_SCHEDULER_ADDRESS")
         scores = (
-            _score_on_cluster(address, tiles, table, version, params.batch_size, rgb)
+            _score_on_cluster(address, tiles, table, version, params, rgb)
             if address
-            else _score_here(tiles, table, version, params.batch_size, rgb)
+            else _score_here(tiles, table, version, params, rgb)
         )
         seconds = time.perf_counter() - started
         frame = table[["patch_id", *params.slice_columns, "cloud"]].assign(

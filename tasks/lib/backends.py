@@ -106,6 +106,7 @@ class ScreeningPlacement(StepParams):
     model_config = ConfigDict(frozen=True, extra="ignore")
     backend: Literal["local", "kubernetes"]  # local: on the Airflow worker (or its Dask cluster) · kubernetes: GPU pods
     store: str | None = Field(pattern=r"^gs://[^/]+/")  # pods' screenings: <store>/<snapshot>/<version>/
+    device: Literal["auto", "cpu", "gpu"]  # what scores (tasks.lib.inference); the kubernetes backend's pods ask: gpu
 
 
 SPOT_LABEL = "cloud.google.com/gke-spot"  # GKE labels and taints spot nodes with it ("true")
@@ -188,6 +189,7 @@ def screening_arguments(
         "--model", model,
         "--out", out,
         "--xcom-out", xcom_out,
+        "--set", "screen.device=gpu",  # the pod is on the GPU pool: fail there rather than screen on its CPU
     ]  # fmt: skip
 
 

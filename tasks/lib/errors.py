@@ -102,6 +102,10 @@ class ModelVersionError(CloudscreenError):
     threshold recorded (never screened at a default 0.5), or it cannot be loaded."""
 
 
+class DeviceUnavailableError(CloudscreenError):
+    """Scoring was asked to run on a device (a GPU) that this process cannot use."""
+
+
 class ScreeningError(CloudscreenError):
     """A snapshot cannot be screened: its tiles are missing or unreadable, or an earlier screening output is in the
     way."""

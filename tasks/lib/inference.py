@@ -9,16 +9,22 @@ backend Keras has, needs no network, and its scores are checked against the Kera
 
 The ONNX graph takes the raw uint16 patches itself (its first node casts them to float32) and has a dynamic batch
 dimension, so a last partial batch runs as it is: no padding, nothing recompiled per shape.
+
+On a GPU (the screening pod) the network runs in TensorFlow instead, XLA-compiled on the device: the trainer image's
+TensorFlow is the CUDA build its GPU pool is chosen for, whereas onnxruntime-gpu on PyPI is built for CUDA 13, which
+no longer supports the V100s the pool has (compute capability 7.0). `device` says which: `cpu`, `gpu` (refused
+without one) or `auto` (the GPU when TensorFlow sees one).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from tasks.lib.errors import DeviceUnavailableError
 from tasks.lib.tiles import DTYPE, PATCH_SHAPE
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,7 @@ _CHECK_PATCHES = 4  # patches in that check: enough to exercise every layer, che
 _INPUT_NAME = "rgb"
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # raw uint16 (n, *PATCH_SHAPE) patches → float32 (n,) P(cloud)
+Device = Literal["auto", "cpu", "gpu"]
 
 
 def to_onnx(keras_model: Any) -> bytes:
@@ -183,20 +190,30 @@ def _activation(node: Callable[..., str], x: str, layer: Any, config: dict[str, 
     return node(op, [x]) if op else x
 
 
-def compile_scorer(keras_model: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Scorer:
-    """`keras_model` (raw float reflectance → (n, 1) P(cloud)) as a compiled scorer of raw patches.
+def compile_scorer(keras_model: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, device: Device = "auto") -> Scorer:
+    """`keras_model` (raw float reflectance → (n, 1) P(cloud)) as a compiled scorer of raw patches: ONNX Runtime on
+    the CPU, or XLA on the GPU (`device`: see the module's docstring).
 
     The scorer takes uint16 (n, *PATCH_SHAPE) patches in R, G, B order, any n including 0 (a NumPy array or a
     memory-mapped slice), runs them in batches of `batch_size` and returns float32 (n,). Before it is returned it is
     checked against `keras_model(x, training=False)` on a few patches.
 
     Raises:
-        ImportError: onnx or onnxruntime is not installed.
-        ValueError: a batch size below 1, a network `to_onnx` does not export, or an exported model whose scores
-            differ from the Keras model's by more than TOLERANCE.
+        DeviceUnavailableError: `device` is "gpu" and TensorFlow sees none.
+        ImportError: onnx or onnxruntime is not installed (CPU).
+        ValueError: a batch size below 1, a network `to_onnx` does not export, or compiled scores that differ from
+            the Keras model's by more than TOLERANCE.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    gpus = _visible_gpus() if device != "cpu" else []
+    if device == "gpu" and not gpus:
+        raise DeviceUnavailableError(
+            "device gpu: TensorFlow sees no GPU here (on Kubernetes: a node of the GPU pool, the nvidia.com/gpu limit "
+            "and the trainer image); use screen.device=auto or cpu to score on the CPU"
+        )
+    if gpus:
+        return xla_scorer(keras_model, batch_size, gpus[0])
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -205,9 +222,7 @@ def compile_scorer(keras_model: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) ->
     (feed,) = (i.name for i in session.get_inputs())
 
     def score(patches: np.ndarray) -> np.ndarray:
-        if patches.ndim != 4 or patches.shape[1:] != PATCH_SHAPE or patches.dtype != DTYPE:
-            shape = ", ".join(map(str, PATCH_SHAPE))
-            raise ValueError(f"expected raw {DTYPE} patches of shape (n, {shape}), got {patches.dtype} {patches.shape}")
+        _check_patches(patches)
         out = np.empty(len(patches), np.float32)
         for start in range(0, len(patches), batch_size):
             batch = np.ascontiguousarray(patches[start : start + batch_size])
@@ -215,8 +230,49 @@ def compile_scorer(keras_model: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) ->
         return out
 
     _check(score, keras_model)
-    log.info("compiled scorer: ONNX Runtime %s, batch %d", ort.__version__, batch_size)
+    log.info("compiled scorer: ONNX Runtime %s on the CPU, batch %d", ort.__version__, batch_size)
     return score
+
+
+def _visible_gpus() -> list[str]:
+    """TensorFlow's names of the GPUs it can use here ("/physical_device:GPU:0", ...); none with tensorflow-cpu."""
+    import tensorflow as tf
+
+    return [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def xla_scorer(keras_model: Any, batch_size: int, device: str) -> Scorer:
+    """The network XLA-compiled on `device` (a TensorFlow device name: compile_scorer gives it a GPU; the tests a CPU),
+    fed raw uint16 batches that are cast there. Every batch is padded to `batch_size`, so one shape is compiled once,
+    whatever the last batch holds. Checked against the network as compile_scorer's ONNX path is."""
+    import tensorflow as tf
+
+    placement = device.replace("physical_device:", "")
+
+    @tf.function(jit_compile=True)
+    def forward(batch: Any) -> Any:
+        return tf.reshape(keras_model(tf.cast(batch, tf.float32), training=False), [-1])
+
+    def score(patches: np.ndarray) -> np.ndarray:
+        _check_patches(patches)
+        out = np.empty(len(patches), np.float32)
+        padded = np.zeros((batch_size, *PATCH_SHAPE), DTYPE)
+        with tf.device(placement):
+            for start in range(0, len(patches), batch_size):
+                rows = min(batch_size, len(patches) - start)
+                padded[:rows] = patches[start : start + rows]
+                out[start : start + rows] = forward(padded).numpy()[:rows]
+        return out
+
+    _check(score, keras_model)
+    log.info("compiled scorer: TensorFlow %s with XLA on %s, batch %d", tf.__version__, placement, batch_size)
+    return score
+
+
+def _check_patches(patches: np.ndarray) -> None:
+    if patches.ndim != 4 or patches.shape[1:] != PATCH_SHAPE or patches.dtype != DTYPE:
+        shape = ", ".join(map(str, PATCH_SHAPE))
+        raise ValueError(f"expected raw {DTYPE} patches of shape (n, {shape}), got {patches.dtype} {patches.shape}")
 
 
 def _check(score: Scorer, keras_model: Any) -> None:

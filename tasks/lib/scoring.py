@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tasks.lib.errors import EvaluationError, ModelVersionError
+from tasks.lib.errors import DeviceUnavailableError, EvaluationError, ModelVersionError
+from tasks.lib.inference import Device, Scorer
 from tasks.lib.tracking import TAG_DATA_VERSION, TAG_OPERATING_THRESHOLD, TAG_SNAPSHOT, resolve_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "models:/cloudscreen-classifier@champion"
-
-Scorer = Callable[[np.ndarray], np.ndarray]  # raw uint16 (n, *PATCH_SHAPE) patches → float32 (n,) P(cloud)
 
 
 @dataclass(frozen=True)
@@ -103,15 +101,17 @@ def resolve_version(model_uri: str = DEFAULT_MODEL) -> ModelVersion:
     )
 
 
-def load_scorer(version: ModelVersion) -> Scorer:
+def load_scorer(version: ModelVersion, device: Device = "auto") -> Scorer:
     """The version's classifier as a function of raw patches.
 
     A Keras network (the pyfunc model wraps tasks.lib.serving.RawPatchClassifier) is scored through the compiled path
-    of tasks.lib.inference, checked against the network when it is built; any other pyfunc model (the scikit-learn
-    baseline, a model from code), or a network that cannot be compiled here, through its pyfunc `predict`.
+    of tasks.lib.inference on `device`, checked against the network when it is built; any other pyfunc model (the
+    scikit-learn baseline, a model from code), or a network that cannot be compiled here, through its pyfunc
+    `predict` on the CPU.
 
     Raises:
         ModelVersionError: the model cannot be loaded.
+        DeviceUnavailableError: `device` is "gpu" and there is none, or the model cannot run on one.
     """
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
@@ -130,9 +130,13 @@ def load_scorer(version: ModelVersion) -> Scorer:
         from tasks.lib.inference import compile_scorer
 
         try:
-            return compile_scorer(python_model.model)
+            return compile_scorer(python_model.model, device=device)
         except (ImportError, ValueError) as exc:
+            if device == "gpu":
+                raise DeviceUnavailableError(f"{version.uri}: cannot be compiled for the GPU: {exc}") from exc
             log.warning("%s: scoring through pyfunc predict, not compiled: %s", version.uri, exc)
+    elif device == "gpu":
+        raise DeviceUnavailableError(f"{version.uri}: not a Keras network: it is scored on the CPU only")
 
     def score(patches: np.ndarray) -> np.ndarray:
         return np.asarray(model.predict(patches), dtype=np.float32).reshape(-1)

@@ -19,7 +19,8 @@ import pytest
 from tasks.lib import bigearthnet as ben
 from tasks.lib.bands import BandReader
 from tasks.lib.config import load_section
-from tasks.lib.inference import TOLERANCE, compile_scorer
+from tasks.lib.errors import DeviceUnavailableError
+from tasks.lib.inference import TOLERANCE, compile_scorer, xla_scorer
 from tasks.lib.model import ModelParams, build_model
 from tasks.lib.tiles import DTYPE, PATCH_SHAPE, RGB_CHANNELS
 
@@ -77,16 +78,23 @@ def scorer(network):
     return compile_scorer(network, batch_size=BATCH)
 
 
+@pytest.fixture(scope="module")
+def xla(network):
+    """The GPU pod's path (XLA-compiled TensorFlow), run on this machine's CPU: the same code but the device."""
+    return xla_scorer(network, BATCH, "/physical_device:CPU:0")
+
+
 def _keras(network, patches: np.ndarray) -> np.ndarray:
     return np.asarray(network(patches.astype(np.float32), training=False), dtype=np.float32).reshape(-1)
 
 
+@pytest.mark.parametrize("path", ["scorer", "xla"])
 @pytest.mark.parametrize("source", ["real", "mirror"])
 @pytest.mark.parametrize("n", [0, 1, 3, 9])
-def test_compiled_scores_match_keras(source, n, scorer, network, request):
+def test_compiled_scores_match_keras(source, n, path, network, request):
     patches = request.getfixturevalue(source)
     patches = np.resize(patches, (n, *PATCH_SHAPE))  # 9 mirror patches, or the 6 real ones and 3 again
-    scores = scorer(patches)
+    scores = request.getfixturevalue(path)(patches)
     assert scores.dtype == np.float32
     assert scores.shape == (n,)
     if n:
@@ -101,20 +109,34 @@ def test_the_comparison_is_not_vacuous(source, network, request):
     assert ((scores > 1e-3) & (scores < 1 - 1e-3)).any()
 
 
-def test_a_memory_mapped_slice_scores_like_an_array(scorer, mirror, tmp_path):
-    path = tmp_path / "shard.npy"
-    np.save(path, mirror)
-    mapped = np.load(path, mmap_mode="r")[2:9]
-    np.testing.assert_array_equal(scorer(mapped), scorer(np.array(mirror[2:9])))
+@pytest.mark.parametrize("path", ["scorer", "xla"])
+def test_a_memory_mapped_slice_scores_like_an_array(path, mirror, tmp_path, request):
+    score = request.getfixturevalue(path)
+    np.save(tmp_path / "shard.npy", mirror)
+    mapped = np.load(tmp_path / "shard.npy", mmap_mode="r")[2:9]
+    np.testing.assert_array_equal(score(mapped), score(np.array(mirror[2:9])))
 
 
-def test_wrong_shapes_and_dtypes_are_refused(scorer, real):
+@pytest.mark.parametrize("path", ["scorer", "xla"])
+def test_wrong_shapes_and_dtypes_are_refused(path, real, request):
+    score = request.getfixturevalue(path)
     with pytest.raises(ValueError, match=r"shape \(n, 120, 120, 3\)"):
-        scorer(real[0])
+        score(real[0])
     with pytest.raises(ValueError, match="uint16"):
-        scorer(real.astype(np.float32))
+        score(real.astype(np.float32))
     with pytest.raises(ValueError, match="batch_size 0"):
         compile_scorer(None, batch_size=0)
+
+
+def test_the_gpu_is_refused_where_there_is_none_and_auto_scores_on_the_cpu(network, real):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceUnavailableError, match="device gpu: TensorFlow sees no GPU"):
+        compile_scorer(network, device="gpu")
+    auto = compile_scorer(network, batch_size=BATCH, device="auto")
+    np.testing.assert_array_equal(auto(real), compile_scorer(network, batch_size=BATCH, device="cpu")(real))
 
 
 def test_other_layer_settings_export_exactly(real, mirror):

@@ -170,6 +170,7 @@ def test_the_screening_pod_runs_tasks_screen_from_the_trainer_image_and_restores
     assert flags["--restore-data"] == [settings.data_dir] and flags["--data-version"] == [VERSION]
     assert flags["--tiles"] == ["tiles"]  # inside the restored data version
     assert flags["--out"] == ["gs://cloudscreen/screened/2026-11-16"] and flags["--xcom-out"] == [POD_XCOM_FILE]
+    assert flags["--set"] == ["screen.device=gpu"]  # a pod without a usable GPU fails instead of scoring on its CPUs
     screener = kubernetes_spec(None, settings, module=SCREENER_MODULE)
     trainer = kubernetes_spec(args, settings)
     assert screener["cmds"] == ["python", "-m", "tasks.screen"] and "cmds" not in trainer  # the entrypoint trains
