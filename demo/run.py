@@ -45,11 +45,12 @@ TARGET_SECONDS = 600  # `make demo` from a fresh clone, on any machine of this k
 # CPU of this kind). The demo must end within 10 minutes on any machine of this kind, where the seed CNN trains at
 # ~150 images/s on one and ~25 on another, so it trains a lighter network for a budget: the seed CNN with a stride-2
 # first convolution (a fifth of the convolutions' work, every pixel still seen) on a cosine schedule that anneals by
-# the last epoch the 4 minutes allow at the pace so far (30 at most, about 2 minutes on the fast machine). Measured
+# the last epoch the 5 minutes allow at the pace so far (30 at most, about 2 minutes on the fast machine). Measured
 # in docs/model-quality.md: at 30 epochs it matches the seed CNN's held-out quality; at 12 it passes the gate's
-# floors, at 8 not always.
+# floors, at 8 not always. With the trainer held to a sixth of the machine (the slow machine emulated), 4 minutes
+# gave 8 epochs and a rejection, 5 minutes 11 epochs and a champion.
 DEMO_TRAINING = [
-    "train.budget_minutes=4",
+    "train.budget_minutes=5",
     "train.epochs=30",
     "train.schedule=cosine",
     "train.learning_rate=0.002",
