@@ -247,6 +247,9 @@ def xla_scorer(keras_model: Any, batch_size: int, device: str) -> Scorer:
     whatever the last batch holds. Checked against the network as compile_scorer's ONNX path is."""
     import tensorflow as tf
 
+    # Full float32 on GPUs that would otherwise run matrix products in TF32 (Ampere and later): 10-bit mantissas can
+    # move a score by more than TOLERANCE, and the check below would refuse the scorer. For this process, as a pod is.
+    tf.config.experimental.enable_tensor_float_32_execution(False)
     placement = device.replace("physical_device:", "")
 
     @tf.function(jit_compile=True)
