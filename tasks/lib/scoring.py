@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tasks.lib.errors import DeviceUnavailableError, EvaluationError, ModelVersionError
-from tasks.lib.inference import Device, Scorer
+from tasks.lib.inference import Device, Scorer, compile_scorer
 from tasks.lib.tracking import TAG_DATA_VERSION, TAG_OPERATING_THRESHOLD, TAG_SNAPSHOT, resolve_model
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,6 @@ def load_scorer(version: ModelVersion, device: Device = "auto") -> Scorer:
     except MlflowException:  # another flavor's pyfunc (e.g. mlflow.keras): no Python model to unwrap
         python_model = None
     if isinstance(python_model, RawPatchClassifier):
-        from tasks.lib.inference import compile_scorer
-
         try:
             return compile_scorer(python_model.model, device=device)
         except (ImportError, ValueError) as exc:
