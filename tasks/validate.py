@@ -232,8 +232,9 @@ def _metadata_table(checks: list[_PatchCheck]) -> tuple[pd.DataFrame, pd.DataFra
             label_names.append(label)
     # The types a frame of no row dicts has: no columns; object columns.
     metadata = pd.DataFrame(columns) if checks else pd.DataFrame()
-    labels = pd.DataFrame({"patch_id": label_patches, "label": label_names}) if label_names else None
-    return metadata, labels if labels is not None else pd.DataFrame(columns=["patch_id", "label"])
+    if not label_names:
+        return metadata, pd.DataFrame(columns=["patch_id", "label"])
+    return metadata, pd.DataFrame({"patch_id": label_patches, "label": label_names})
 
 
 _METADATA_COLUMNS = ("patch_id", "n_labels", "width_m", "height_m", "acquisition_date", "tile_source", "cloud", "snow")
