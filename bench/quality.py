@@ -70,7 +70,9 @@ GOAL_SHARE = 0.9  # issue 17: the target met on at least this share of (training
 GOAL_MEDIAN_PRECISION = 0.95  # ... with a median held-out test precision of at least this
 COLUMNS = {"recall@op": "op_recall", "precision@op": "op_precision", "roc_auc": "roc_auc", "acc@0.5": "t50_accuracy"}
 TUNABLE = ("mirror", "model", "train", "baseline", "evaluate")  # sections --set may override
-CURVE_METRICS = ("train_loss", "val_loss", "train_auc", "val_auc", "val_accuracy", "learning_rate", "epoch_seconds")
+CURVE_METRICS = (
+    "train_loss", "val_loss", "train_auc", "val_auc", "val_pr_auc", "val_accuracy", "learning_rate", "epoch_seconds"
+)  # fmt: skip
 
 log = logging.getLogger("bench.quality")
 
@@ -167,7 +169,7 @@ def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str])
     params = load_section("train", TrainParams, overrides=overrides)
     model_params = load_section("model", ModelParams, overrides=overrides)
     model = model_params.model_dump(exclude_defaults=True)  # as tasks.train's fingerprint
-    key = _key(params.model_dump(), model, file_digest(manifest, "sha256"), str(tiles))
+    key = _key(params.fingerprint(), model, file_digest(manifest, "sha256"), str(tiles))
     checkpoint = WORK / "runs" / f"cnn-{key}"
     if retrain:
         shutil.rmtree(checkpoint, ignore_errors=True)

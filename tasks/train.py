@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 RUN_STATE_FILE = checkpoints.STATE_FILE  # in the checkpoint directory: which MLflow run, epochs done, ...
 TAG_STOPPED_BY = f"{tracking.TAG_PREFIX}stopped_by"
 STOPPED_BY = ("budget", "early_stopping", "epochs")
-_METRICS = ("accuracy", "precision", "recall", "auc")
+_METRICS = ("accuracy", "precision", "recall", "auc", "pr_auc")
 
 
 class TrainParams(StepParams):
@@ -73,6 +73,8 @@ class TrainParams(StepParams):
     min_learning_rate: float = Field(ge=0)
     schedule: Literal["plateau", "cosine"]
     warmup_epochs: int = Field(ge=0)
+    ema_momentum: float | None = Field(default=None, gt=0, lt=1)
+    selection_metric: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
     augment: bool
     shuffle_buffer: int = Field(gt=0)
     class_weighting: Literal["auto", "none"]
@@ -83,6 +85,18 @@ class TrainParams(StepParams):
     max_train_patches: int | None = Field(default=None, gt=0)
     budget_minutes: float | None = Field(default=None, gt=0)
     budget_usd: float | None = Field(default=None, gt=0)
+
+    # Options added after runs were checkpointed: left out of the fingerprint at their defaults, so that those
+    # checkpoints (and bench.quality's reusable runs), which trained exactly so, still match.
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("ema_momentum", "selection_metric")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The params as a resumable checkpoint must match them (JSON types)."""
+        record = self.model_dump(mode="json")
+        for name in self._ADDED_LATER:
+            if record[name] == type(self).model_fields[name].default:
+                del record[name]
+        return record
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,41 @@ def _cosine_schedule(params: TrainParams, state: _RunState, budget: float | None
     return CosineSchedule()
 
 
+def _averaged_weights_for_validation() -> Any:
+    import keras
+
+    class AveragedWeights(keras.callbacks.Callback):
+        """With the optimizer's moving average of the weights (train.ema_momentum): validation runs on the averaged
+        weights, and they stay in the model through the epoch's end, so EarlyStopping judges and keeps them (the
+        best epoch's file holds them too); EpochEnd swaps the raw weights back before committing the epoch, so the
+        checkpoint, and the next epoch's training, hold the raw weights with the average in the optimizer.
+
+        The swap is Keras' SwapEMAWeights' (which would give EarlyStopping the raw weights, or commit swapped ones).
+        """
+
+        in_model = False
+
+        def on_test_begin(self, logs: dict[str, float] | None = None) -> None:
+            if not self.in_model:
+                self._swap()
+
+        def restore_raw(self) -> None:
+            if self.in_model:
+                self._swap()
+
+        def _swap(self) -> None:
+            optimizer = self.model.optimizer
+            for variable, average in zip(
+                optimizer._trainable_variables, optimizer._model_variables_moving_average, strict=True
+            ):
+                raw = keras.ops.convert_to_numpy(variable)
+                variable.assign(average)
+                average.assign(raw)
+            self.in_model = not self.in_model
+
+    return AveragedWeights()
+
+
 def _epoch_end(
     state: _RunState,
     *,
@@ -159,6 +208,7 @@ def _epoch_end(
     budget: float | None,
     early: Any,
     reduce_lr: Any | None,
+    averaged: Any | None,
     best_weights: list[Any] | None,
 ) -> Any:
     import keras
@@ -207,6 +257,8 @@ def _epoch_end(
                 log.info("budget reached after epoch %d (%.0f of %.0f s): stopping", epoch + 1, state.seconds, budget)
                 state.stopped_by = "budget"
                 self.model.stop_training = True
+            if averaged:  # the best epoch's file took the averaged weights; the checkpoint takes the raw ones
+                averaged.restore_raw()
             state.callbacks = {"early_stopping": {k: _plain(getattr(early, k)) for k in ("wait", "best", "best_epoch")}}
             if reduce_lr:
                 state.callbacks["reduce_lr"] = {
@@ -387,7 +439,7 @@ def train(
     best_weights = None
     with strategy.scope():
         model = build_model(model_params, mean, variance)
-        compile_for_training(model, params.optimizer, params.learning_rate)
+        compile_for_training(model, params.optimizer, params.learning_rate, ema_momentum=params.ema_momentum)
         if state.weights:
             model.optimizer.build(model.trainable_variables)
             if state.best_weights:
@@ -433,7 +485,10 @@ def train(
             _log_committed_epoch(state)
 
         early = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+            monitor=params.selection_metric,
+            mode="min" if params.selection_metric == "val_loss" else "max",
+            patience=params.early_stopping_patience,
+            restore_best_weights=True,
         )
         if params.schedule == "plateau":
             reduce_lr = keras.callbacks.ReduceLROnPlateau(
@@ -445,6 +500,7 @@ def train(
             schedule = reduce_lr
         else:
             reduce_lr, schedule = None, _cosine_schedule(params, state, budget)
+        averaged = _averaged_weights_for_validation() if params.ema_momentum is not None else None
         # Last: it sees what EarlyStopping decided, and commits every callback's state with the weights.
         epoch_end = _epoch_end(
             state,
@@ -453,6 +509,7 @@ def train(
             budget=budget,
             early=early,
             reduce_lr=reduce_lr,
+            averaged=averaged,
             best_weights=best_weights,
         )
         if state.stopped_by:  # training ended before the kill; the model was not logged yet
@@ -467,7 +524,7 @@ def train(
                     initial_epoch=state.epochs,
                     epochs=params.epochs,
                     class_weight=weights,
-                    callbacks=[schedule, early, epoch_end],
+                    callbacks=[c for c in (averaged, schedule, early, epoch_end) if c is not None],
                     verbose=1 if sys.stderr.isatty() else 2,
                 )  # EarlyStopping restores the best epoch's weights at the end, whatever stopped training
 
@@ -510,7 +567,7 @@ def _fingerprint(manifest: Path, tiles: Path, params: TrainParams, model: ModelP
     record = {
         "manifest": file_digest(manifest, "sha256") if manifest.is_file() else str(manifest),
         "tiles_index": file_digest(tiles / INDEX_FILE, "sha256") if (tiles / INDEX_FILE).is_file() else str(tiles),
-        "train": params.model_dump(mode="json"),
+        "train": params.fingerprint(),
         "model": model.model_dump(mode="json", exclude_defaults=True),  # an option added since, at its default,
         # builds the same network: checkpoints from before it still resume
         "register": register,

@@ -106,23 +106,36 @@ def build_model(params: ModelParams, mean: list[float], variance: list[float]) -
     return keras.Model(inputs, outputs, name=f"cloudscreen_{params.architecture}")
 
 
-def compile_for_training(model: Any, optimizer: str, learning_rate: float, *, jit_compile: bool = False) -> None:
-    """Binary cross-entropy with the metrics every run logs per epoch (accuracy, precision, recall, AUC).
+def compile_for_training(
+    model: Any,
+    optimizer: str,
+    learning_rate: float,
+    *,
+    ema_momentum: float | None = None,
+    jit_compile: bool = False,
+) -> None:
+    """Binary cross-entropy with the metrics every run logs per epoch (accuracy, precision, recall, ROC AUC, PR AUC).
 
     Args:
+        ema_momentum: keep an exponential moving average of the weights in the optimizer, updated every step
+            (Keras' `use_ema`); tasks.train validates and keeps those averaged weights. None: no average.
         jit_compile: compile the training step with XLA (Keras' "auto" leaves it off on CPU-only machines).
     """
     import keras
 
+    config: dict[str, Any] = {"learning_rate": learning_rate}
+    if ema_momentum is not None:
+        config |= {"use_ema": True, "ema_momentum": ema_momentum}
     model.compile(
         jit_compile=jit_compile,
-        optimizer=keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}}),
+        optimizer=keras.optimizers.get({"class_name": optimizer, "config": config}),
         loss="binary_crossentropy",
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
             keras.metrics.Precision(name="precision"),
             keras.metrics.Recall(name="recall"),
             keras.metrics.AUC(name="auc"),
+            keras.metrics.AUC(curve="PR", name="pr_auc"),
         ],
     )
 
