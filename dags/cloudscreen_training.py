@@ -86,6 +86,14 @@ def _run() -> pipeline.Run:
             description="Stop training once it has cost this much at the cost table's price of its machine. Empty: "
             "params.yaml train.budget_usd.",
         ),
+        "search": Param(
+            False,
+            type="boolean",
+            description="Search first: tasks.search's trials over the learning rate and optimizer (params.yaml's "
+            "search section; e.g. the override search.trials=10), nested MLflow runs under one search run, on the "
+            "worker; then the full training uses the best trial's learning rate and optimizer, and its model is "
+            "gated like any challenger.",
+        ),
         "backend": Param(
             SETTINGS.training_backend,
             enum=list(pipeline.BACKENDS),
@@ -112,8 +120,8 @@ Runs when `cloudscreen_refresh` records a new snapshot (the `cloudscreen_trainin
 `pipeline.retrain_on: drift`, only when the monitoring reports drift or decay (the `cloudscreen_drift` Asset); and on
 `pipeline.retrain_schedule` (monthly by default) either way. The MLflow run records why it trained
 (`cloudscreen.trigger`: new_data, drift with the monitoring's reasons, schedule or manual). The trigger form picks the
-snapshot, the set, epochs, learning rate, a training budget (minutes or dollars), the training backend and a forced
-promotion.
+snapshot, the set, epochs, learning rate, a training budget (minutes or dollars), a hyperparameter search first (its
+best trial's learning rate and optimizer are then trained and gated), the training backend and a forced promotion.
 
 The model is trained on the snapshot's pinned data version (recorded as the MLflow run's lineage tags), registered as
 `challenger`, evaluated on test and the natural-prevalence set (metrics and plots in its MLflow run), and the gate
@@ -149,6 +157,16 @@ def cloudscreen_training():
             _run(), data=data, dag_id=context["dag"].dag_id, dag_run_id=context["dag_run"].run_id
         )
 
+    @task(**TRAIN)
+    @PERMANENT_FAILS
+    def search_hyperparameters(plan: xcoms.TrainingPlan) -> xcoms.TrainingPlan:
+        """With the form's `search`: tasks.search on the worker (its trials are nested MLflow runs under one search
+        run), then the plan with the best trial's learning rate and optimizer for whichever backend trains. Without
+        it: the plan as planned. Output: the trainer's inputs."""
+        if not get_current_context()["params"]["search"]:
+            return plan
+        return pipeline.search_step(_run(), plan=plan)
+
     @task.branch
     def choose_backend() -> str:
         """Follow the form's training backend."""
@@ -169,7 +187,7 @@ def cloudscreen_training():
         return pipeline.train_step(_run(), plan=plan, backend="docker")
 
     data = training_data()
-    plan = plan_training(data)
+    plan = search_hyperparameters(plan_training(data))
     train_kubernetes = KubernetesPodOperator(
         task_id=TRAIN_TASKS["kubernetes"],
         name="cloudscreen-trainer",
@@ -189,11 +207,12 @@ def cloudscreen_training():
 
     @task(trigger_rule="none_failed_min_one_success")
     @PERMANENT_FAILS
-    def training_result(data: xcoms.TrainingData) -> xcoms.Trained:
+    def training_result(data: xcoms.TrainingData, plan: xcoms.TrainingPlan) -> xcoms.Trained:
         """The result of whichever backend trained; its MLflow run is tagged with why it trained
-        (`cloudscreen.trigger`: new_data, drift, schedule or manual, and the reasons)."""
+        (`cloudscreen.trigger`: new_data, drift, schedule or manual, and the reasons) and, after a search, with the
+        search run (`cloudscreen.search_run_id`)."""
         results = [r for r in get_current_context()["ti"].xcom_pull(task_ids=list(TRAIN_TASKS.values())) if r]
-        pipeline.record_trigger(results[0]["run_id"], data)
+        pipeline.record_trigger(results[0]["run_id"], data, plan)
         return {**results[0], "backend": get_current_context()["params"]["backend"]}
 
     @task(**EVALUATE)
@@ -235,7 +254,7 @@ def cloudscreen_training():
             "decision": verdict["decision"],
         }
 
-    trained = training_result(data)
+    trained = training_result(data, plan)
     trained_by >> trained
     evaluated = evaluate(trained, data)
     verdict = gate(trained, evaluated)

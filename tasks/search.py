@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 
 from tasks.lib import cli, inputs, tracking
 from tasks.lib.config import StepParams, load_section
+from tasks.lib.files import write_json
 from tasks.lib.model import ModelParams
 from tasks.lib.training_runs import CostParams, read_splits
 from tasks.train import TrainParams, train
@@ -248,6 +249,11 @@ def objective_figure(trials: pd.DataFrame, metric: str, best: int | None) -> Any
 def main() -> None:
     p = cli.parser("Search the learning rate and optimizer with optuna; each trial a nested MLflow run of tasks.train.")
     cli.add_training_inputs(p)
+    p.add_argument(
+        "--xcom-out",
+        type=Path,
+        help='write {"run_id", "trials", "best_run_id", "best_params"} as JSON here (the training DAG\'s search mode)',
+    )
     args = p.parse_args()
     cli.configure_logging(args.verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter hides our log
@@ -262,6 +268,12 @@ def main() -> None:
                 model_params=load_section("model", ModelParams, args.params, args.overrides),
                 cost=load_section("cost", CostParams, args.params, args.overrides),
                 lineage=tracking.Lineage.from_environment(snapshot=args.snapshot, data_version=args.data_version),
+            )
+        if args.xcom_out:
+            write_json(
+                args.xcom_out,
+                {"run_id": result.run_id, "trials": result.trials, "best_run_id": result.best_run_id}
+                | {"best_params": result.best_params},
             )
         print(result.run_id)
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 POD_XCOM_FILE = "/airflow/xcom/return.json"  # where the KubernetesPodOperator's sidecar reads the result
 DOCKER_XCOM_FILE = "/tmp/cloudscreen/return.json"  # read back from the stopped container
 TRAINER_MODULE = "tasks.train"  # the image's ENTRYPOINT
+SEARCH_MODULE = "tasks.search"
 SCREENER_MODULE = "tasks.screen"
 POD_APPS = {TRAINER_MODULE: "cloudscreen-trainer", SCREENER_MODULE: "cloudscreen-screener"}  # the pods' `app` label
 
@@ -161,6 +162,11 @@ class TrainingRequest:
             args += ["--checkpoint-dir", str(self.checkpoint_dir)]
         return args + self._overrides()
 
+    def search_arguments(self, xcom_out: Path) -> list[str]:
+        """tasks.search's: the same data, lineage and overrides as the training it prepares."""
+        args = ["--manifest", str(self.manifest), "--tiles", str(self.tiles), "--xcom-out", str(xcom_out)]
+        return [*args, "--snapshot", self.snapshot, "--data-version", self.data_version, *self._overrides()]
+
     def remote_arguments(self, data_dir: str, xcom_out: str) -> list[str]:
         """The trainer image's arguments: restore the data version into `data_dir`, then train on it."""
         return [
@@ -198,27 +204,42 @@ def screening_arguments(
 
 def run_local(request: TrainingRequest, *, params_path: Path | None = None, tail: int = 40) -> xcoms.Trained:
     """Run the trainer as a subprocess of this process, its log streamed into ours; return its result."""
+    return _run_module(TRAINER_MODULE, request.local_arguments, request, params_path, tail)
+
+
+def run_search_local(request: TrainingRequest, *, params_path: Path | None = None, tail: int = 40) -> xcoms.Searched:
+    """Run tasks.search on the request's data as a subprocess of this process, its log streamed into ours; return
+    its result (the parent run and the best trial's params)."""
+    return _run_module(SEARCH_MODULE, request.search_arguments, request, params_path, tail)
+
+
+def _run_module(
+    module: str, arguments: Any, request: TrainingRequest, params_path: Path | None, tail: int
+) -> dict[str, Any]:
+    """`python -m module --params ... *arguments(xcom_out)` with the request's lineage in its environment; the JSON
+    it wrote to xcom_out. A failure raises TrainingBackendError with the end of its log."""
     with tempfile.TemporaryDirectory(prefix="cloudscreen-train-") as scratch:
         xcom_out = Path(scratch) / "return.json"
         params = str(params_path or default_params())
-        command = [sys.executable, "-m", TRAINER_MODULE, "--params", params, *request.local_arguments(xcom_out)]
+        command = [sys.executable, "-m", module, "--params", params, *arguments(xcom_out)]
         env = {**os.environ, **request.lineage_env(), "PYTHONUNBUFFERED": "1"}
-        log.info("training locally: %s", " ".join(command))
+        log.info("running locally: %s", " ".join(command))
+        name = module.rpartition(".")[2]
         last_lines: deque[str] = deque(maxlen=tail)
         with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
             assert proc.stderr is not None
             for line in proc.stderr:
                 line = line.rstrip()
                 last_lines.append(line)
-                log.info("trainer: %s", line)
+                log.info("%s: %s", name, line)
         if proc.returncode != 0:
             raise TrainingBackendError(
-                f"the trainer exited with code {proc.returncode}; its last lines:\n" + "\n".join(last_lines)
+                f"{module} exited with code {proc.returncode}; its last lines:\n" + "\n".join(last_lines)
             )
         return _result(xcom_out.read_text(), where=str(xcom_out))
 
 
-def _result(text: str, where: str) -> xcoms.Trained:
+def _result(text: str, where: str) -> dict[str, Any]:
     try:
         result = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from tasks.lib import xcoms
 from tasks.lib.config import StepParams, default_params, load_section
-from tasks.lib.errors import ConfigError, PipelineError
+from tasks.lib.errors import ConfigError, PipelineError, TrainingBackendError
 from tasks.lib.files import jsonable, write_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ DRIFT_ASSET = {"name": "cloudscreen_drift", "uri": "cloudscreen://drift"}
 RETRAIN_ON = ("every_snapshot", "drift")
 TAG_TRIGGER = "cloudscreen.trigger"  # on a training run: new_data, drift, schedule or manual
 TAG_TRIGGER_REASONS = "cloudscreen.trigger.reasons"
+TAG_SEARCH_RUN = "cloudscreen.search_run_id"  # on a training run: the search that chose its learning rate, optimizer
 BACKENDS = ("local", "docker", "kubernetes")
 INGEST_PATHS = ("extract", "stream")  # pipeline.ingest: the refresh DAG's two ways from archive to tiles
 SNAPSHOTS_DIR = "snapshots"
@@ -375,14 +376,17 @@ def training_trigger(*, run_type: str, events: Iterable[Mapping[str, Any]] = ())
     return "manual", f"triggered by a person ({run_type} run)"
 
 
-def record_trigger(run_id: str, data: xcoms.TrainingData) -> None:
-    """Tag the training run with why it trained (TAG_TRIGGER, TAG_TRIGGER_REASONS), whichever backend trained it."""
+def record_trigger(run_id: str, data: xcoms.TrainingData, plan: xcoms.TrainingPlan | None = None) -> None:
+    """Tag the training run with why it trained (TAG_TRIGGER, TAG_TRIGGER_REASONS), whichever backend trained it,
+    and with the search that chose its learning rate and optimizer, when one did (TAG_SEARCH_RUN)."""
     import mlflow
 
+    client = mlflow.MlflowClient()
     if "trigger" in data:
-        client = mlflow.MlflowClient()
         client.set_tag(run_id, TAG_TRIGGER, data["trigger"])
         client.set_tag(run_id, TAG_TRIGGER_REASONS, data.get("trigger_reasons", "")[:5000])
+    if plan and "search" in plan:
+        client.set_tag(run_id, TAG_SEARCH_RUN, plan["search"]["run_id"])
 
 
 def training_data(
@@ -479,7 +483,7 @@ def plan_training(
     the local backend, in the object store for the image backends: `backends.checkpoints`/<dag_id>/<dag_run_id>), the
     lineage; and the trainer image's arguments for the Kubernetes backend (its operator takes them from this task's
     result)."""
-    from tasks.lib.backends import POD_XCOM_FILE, BackendsParams, TrainingRequest
+    from tasks.lib.backends import BackendsParams, TrainingRequest
 
     backends = run.load("backends", BackendsParams)
     checkpoint_url = None
@@ -499,10 +503,44 @@ def plan_training(
         dag_id=dag_id,
         dag_run_id=dag_run_id,
     )
-    return xcoms.TrainingPlan(
+    return _plan(request, backends)
+
+
+def _plan(request: Any, backends: Any, search: xcoms.Searched | None = None) -> xcoms.TrainingPlan:
+    from tasks.lib.backends import POD_XCOM_FILE
+
+    plan = xcoms.TrainingPlan(
         request=request.to_json(),
         kubernetes_arguments=request.remote_arguments(backends.kubernetes.data_dir, POD_XCOM_FILE),
     )
+    if search is not None:
+        plan["search"] = search
+    return plan
+
+
+def search_step(run: Run, *, plan: xcoms.TrainingPlan) -> xcoms.TrainingPlan:
+    """The training form's search mode: tasks.search on the plan's data with this run's overrides (the `search`
+    section: trials, space, epochs per trial), as a subprocess of the worker with its log streamed here; its trials
+    are nested MLflow runs under one parent. The plan comes back with the best trial's learning rate and optimizer
+    as its last overrides (so they win over the form's), for every backend: the full training that follows is
+    registered and gated like any challenger.
+
+    Raises:
+        TrainingBackendError: the search failed, or none of its trials completed (nothing to train with).
+    """
+    from dataclasses import replace
+
+    from tasks.lib.backends import BackendsParams, TrainingRequest, run_search_local
+
+    request = TrainingRequest.from_json(dict(plan["request"]))
+    found = run_search_local(request, params_path=run.params_path)
+    if not found.get("best_params"):
+        raise TrainingBackendError(f"search run {found['run_id']}: no trial completed, so there is nothing to train")
+    best = tuple(f"train.{name}={value!r}" if isinstance(value, float) else f"train.{name}={value}"
+                 for name, value in sorted(found["best_params"].items()))  # fmt: skip
+    log.info("search run %s: training with %s", found["run_id"], ", ".join(best))
+    request = replace(request, overrides=(*request.overrides, *best))
+    return _plan(request, run.load("backends", BackendsParams), search=xcoms.Searched(**found))
 
 
 def train_step(run: Run, *, plan: xcoms.TrainingPlan, backend: str) -> xcoms.Trained:

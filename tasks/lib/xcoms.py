@@ -107,11 +107,23 @@ class TrainingData(TypedDict):
     trigger_reasons: NotRequired[str]  # ... in words (drift: the monitoring's reasons)
 
 
+class Searched(TypedDict):
+    """tasks.search's result (its --xcom-out file): the parent MLflow run and the best trial."""
+
+    run_id: str
+    trials: int
+    best_run_id: str | None
+    best_params: dict[str, Any]  # learning_rate, optimizer; {} when no trial completed
+
+
 class TrainingPlan(TypedDict):
-    """plan_training: the trainer's request (tasks.lib.backends.TrainingRequest as JSON) and the pod's arguments."""
+    """plan_training: the trainer's request (tasks.lib.backends.TrainingRequest as JSON) and the pod's arguments;
+    after a search (the training form's search mode), the search that chose the request's learning rate and
+    optimizer."""
 
     request: dict[str, Any]
     kubernetes_arguments: list[str]
+    search: NotRequired[Searched]
 
 
 class Trained(TypedDict):

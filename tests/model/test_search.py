@@ -4,8 +4,6 @@ parent, the same trials from the same seed (through the command line), and bad i
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -114,21 +112,43 @@ def test_the_parent_holds_the_trials_table_and_plot(searched, trials, tmp_path):
     assert (Path(local) / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_same_seed_gives_the_same_trials_through_the_cli(searched, trials, training_data, tracking_uri, tmp_path):
-    overrides = [a for item in (*TINY, *QUICK, *LR_BOUNDS, "search.trials=2") for a in ("--set", item)]
-    command = [
-        sys.executable, "-m", "tasks.search", "--params", str(REPO / "params.yaml"), "--snapshot", "manual__1",
-        "--manifest", str(training_data.manifest()), "--tiles", str(training_data.tiles), *overrides,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_id = done.stdout.strip()
-    assert len(run_id) == 32 and "\n" not in run_id and run_id != searched.run_id
-    again = _trials(run_id)
-    assert len(again) == 2
+def test_the_training_dags_search_mode_runs_the_cli_and_plans_training_with_the_best_trial(
+    searched, trials, training_data, tracking_uri, tmp_path
+):
+    """pipeline.search_step, as the training DAG's search_hyperparameters task calls it: tasks.search as a
+    subprocess (the same seed gives the same trials), then the plan with the best trial's learning rate and
+    optimizer as its last overrides, for the local trainer and the pod alike; the trained run is tagged with the
+    search."""
+    import mlflow
+
+    from tasks.lib import pipeline
+    from tasks.lib.backends import TrainingRequest
+
+    overrides = (*TINY, *QUICK, *LR_BOUNDS, "search.trials=2")
+    run = pipeline.Run(snapshot="manual__1", params_path=REPO / "params.yaml", overrides=overrides,
+                       data_root=tmp_path / "data")  # fmt: skip
+    data = {"snapshot": "manual__1", "data_version": "v1", "dataset": "small",
+            "manifest": str(training_data.manifest()), "tiles": str(training_data.tiles)}  # fmt: skip
+    plan = pipeline.search_step(run, plan=pipeline.plan_training(run, data=data))
+
+    found = plan["search"]
+    assert found["run_id"] != searched.run_id and found["trials"] == 2
+    again = _trials(found["run_id"])
+    assert [t.data.tags[tracking.TAG_SNAPSHOT] for t in again] == ["manual__1"] * 2  # the request's lineage
     for first, second in zip(trials[:2], again, strict=True):
         assert first.data.params["optimizer"] == second.data.params["optimizer"]
         assert math.isclose(float(first.data.params["learning_rate"]), float(second.data.params["learning_rate"]))
+    best = min(again, key=lambda t: t.data.metrics["best_val_loss"])
+    assert found["best_run_id"] == best.info.run_id
+    chosen = (f"train.learning_rate={float(best.data.params['learning_rate'])!r}",
+              f"train.optimizer={best.data.params['optimizer']}")  # fmt: skip
+    request = TrainingRequest.from_json(plan["request"])
+    assert request.overrides == (*overrides, *chosen)  # last, so they win over the form's
+    arguments = plan["kubernetes_arguments"]
+    assert arguments[-4:] == ["--set", chosen[0], "--set", chosen[1]]
+
+    pipeline.record_trigger(found["best_run_id"], {**data, "trigger": "manual"}, plan)
+    assert mlflow.get_run(found["best_run_id"]).data.tags[pipeline.TAG_SEARCH_RUN] == found["run_id"]
 
 
 def test_a_missing_manifest_is_named_before_any_run_opens(training_data, tracking_uri, tmp_path):

@@ -87,14 +87,16 @@ def test_refresh_chains_the_data_steps_by_either_ingest_path(refresh):
 def test_training_branches_to_one_backend_then_evaluates_and_gates(training):
     trains = {"train_local", "train_docker", "train_kubernetes"}
     assert {t.task_id for t in training.tasks} == trains | {
-        "training_data", "plan_training", "choose_backend", "training_result", "evaluate", "gate", "new_champion",
-        "summary",
+        "training_data", "plan_training", "search_hyperparameters", "choose_backend", "training_result", "evaluate",
+        "gate", "new_champion", "summary",
     }  # fmt: skip
-    assert ("training_data", "training_result") in edges(training)  # it tags the run with why it trained
     graph = edges(training)
+    assert ("training_data", "training_result") in graph  # it tags the run with why it trained ...
+    assert ("search_hyperparameters", "training_result") in graph  # ... and with the search that chose its params
+    assert ("plan_training", "search_hyperparameters") in graph
     for train in trains:
         assert ("choose_backend", train) in graph
-        assert ("plan_training", train) in graph
+        assert ("search_hyperparameters", train) in graph  # the plan, with the best trial's params after a search
         assert (train, "training_result") in graph
     assert {
         ("training_result", "evaluate"),
@@ -189,9 +191,10 @@ def test_every_dag_and_task_is_documented(refresh, every_dag):
 
 def test_the_training_form_offers_the_run_choices(training):
     params = training.params
-    assert {"dataset", "snapshot", "epochs", "learning_rate", "backend", "force_promote", "reason", "overrides"} <= set(
-        params.keys()
-    )
+    assert {
+        "dataset", "snapshot", "epochs", "learning_rate", "search", "backend", "force_promote", "reason", "overrides"
+    } <= set(params.keys())  # fmt: skip
+    assert params["search"] is False  # a plain training unless asked
     assert params.get_param("backend").schema["enum"] == ["local", "docker", "kubernetes"]
     assert params.get_param("dataset").schema["enum"] == ["small", "large"]
     # A bad value is refused by the form, before any task runs.
