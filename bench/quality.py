@@ -1,12 +1,14 @@
 """Model quality on the embedded default: the seed CNN and the SGD baseline on held-out mirrors, in one run.
 
     python -m bench.quality [--train-seeds 7 8 9] [--heldout-seeds 8 9 10 11] [--no-baseline] [--curves]
-                            [--retrain] [--set SECTION.KEY=VALUE ...]
+                            [--retrain] [--kernels avx2] [--set SECTION.KEY=VALUE ...]
 
 One CNN is trained per training seed (`train.seed`) and every one is evaluated on every held-out mirror seed: the
 figures are a distribution over (training seed × held-out seed) pairs, reported as min, median and max with the share
 of pairs meeting the target, never one run's (floating-point kernels differ between CPUs, so one run's figure belongs
-to one machine; the machine is printed and recorded).
+to one machine; the machine is printed and recorded). `--kernels avx2` emulates an AVX2-only machine of this kind on
+an AVX-512 one (TensorFlow's oneDNN, OpenBLAS and numpy held to their AVX2 kernels), with runs of its own: the same
+grid from both gives the spread between machines.
 
 Training data is the embedded default: the demo's snapshot (`make demo`: tiles/demo and samples/demo/small); when it
 is absent, demo/run.py builds it. The held-out data is a second mirror with the same `mirror` params but another
@@ -42,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,14 @@ GOAL_SHARE = 0.9  # issue 17: the target met on at least this share of (training
 GOAL_MEDIAN_PRECISION = 0.95  # ... with a median held-out test precision of at least this
 COLUMNS = {"recall@op": "op_recall", "precision@op": "op_precision", "roc_auc": "roc_auc", "acc@0.5": "t50_accuracy"}
 TUNABLE = ("mirror", "model", "train", "baseline", "evaluate")  # sections --set may override
+# What an AVX2-only CPU of this kind runs, on an AVX-512 one: TensorFlow's oneDNN kernels, OpenBLAS and numpy held to
+# their AVX2 code paths (--kernels avx2). The libraries read these when they load: the command starts itself again.
+AVX512_FEATURES = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
+AVX2_KERNELS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+    "NPY_DISABLE_CPU_FEATURES": AVX512_FEATURES,
+}
 CURVE_METRICS = (
     "train_loss", "val_loss", "train_auc", "val_auc", "val_pr_auc", "val_accuracy", "learning_rate", "epoch_seconds"
 )  # fmt: skip
@@ -160,7 +171,7 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str]) -> str:
+def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str], kernels: str) -> str:
     from tasks.lib import tracking
     from tasks.lib.model import ModelParams
     from tasks.lib.training_runs import CostParams
@@ -170,6 +181,8 @@ def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str])
     model_params = load_section("model", ModelParams, overrides=overrides)
     model = model_params.model_dump(exclude_defaults=True)  # as tasks.train's fingerprint
     key = _key(params.fingerprint(), model, file_digest(manifest, "sha256"), str(tiles))
+    if kernels != "native":  # another machine's model: a run of its own
+        key = _key(key, kernels)
     checkpoint = WORK / "runs" / f"cnn-{key}"
     if retrain:
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -188,7 +201,7 @@ def _train_cnn(tiles: Path, manifest: Path, retrain: bool, overrides: list[str])
     return result.run_id
 
 
-def _train_baseline(tiles: Path, manifest: Path, retrain: bool, overrides: list[str]) -> str:
+def _train_baseline(tiles: Path, manifest: Path, retrain: bool, overrides: list[str], kernels: str) -> str:
     from mlflow import MlflowClient
 
     from tasks.baseline import BaselineParams, baseline
@@ -199,6 +212,8 @@ def _train_baseline(tiles: Path, manifest: Path, retrain: bool, overrides: list[
     params = load_section("baseline", BaselineParams, overrides=overrides)
     train_params = load_section("train", TrainParams, overrides=overrides)
     key = _key(params.model_dump(), train_params.max_train_patches, file_digest(manifest, "sha256"), str(tiles))
+    if kernels != "native":
+        key = _key(key, kernels)
     record = WORK / "runs" / f"baseline-{key}.json"
     if record.is_file() and not retrain:
         run_id = json.loads(record.read_text())["run_id"]
@@ -306,7 +321,10 @@ def _machine() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "neither AVX2 nor AVX-512"
-    return {"cpu": model, "vector_unit": vector, "cores": os.cpu_count(), "tensorflow": tf.__version__}
+    kernels = {k: os.environ[k] for k in AVX2_KERNELS if k in os.environ}
+    return {"cpu": model, "vector_unit": vector, "cores": os.cpu_count(), "tensorflow": tf.__version__} | (
+        {"kernels": "AVX2 (emulated)", "kernel_env": kernels} if kernels else {"kernels": "native"}
+    )
 
 
 def _evaluate_cached(run_id: str, manifest: Path, tiles: Path, child: str | None, overrides: list[str]) -> dict:
@@ -362,6 +380,13 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="leave the SGD baseline out (a lever's grid)")
     p.add_argument("--curves", action="store_true", help="print each CNN's per-epoch curves (always in the JSON)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished run can be reused")
+    p.add_argument(
+        "--kernels",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: emulate an AVX2-only machine of this kind on an AVX-512 one (oneDNN, OpenBLAS and numpy held to "
+        "their AVX2 kernels; its own runs), to measure how much the figures depend on the machine",
+    )
     cli.add_overrides(
         p,
         f"override a param of the {', '.join(TUNABLE)} sections for this measurement (repeatable); with a mirror "
@@ -373,6 +398,8 @@ def main() -> None:
         p.error(f"--set {wrong[0]}: only the {', '.join(TUNABLE)} sections can be overridden here")
     if args.train_seeds and any(o.startswith("train.seed=") for o in args.overrides):
         p.error("--train-seeds and --set train.seed=... both choose the training seed: give one")
+    if args.kernels == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_KERNELS.items()):
+        os.execvpe(sys.executable, [sys.executable, "-m", "bench.quality", *sys.argv[1:]], os.environ | AVX2_KERNELS)
     configure_logging(verbose=False)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.monotonic()
@@ -423,13 +450,15 @@ def main() -> None:
 
     timer = time.monotonic()
     runs = {
-        f"cnn s{seed}": _train_cnn(train_tiles, train_manifest, args.retrain, [*args.overrides, f"train.seed={seed}"])
+        f"cnn s{seed}": _train_cnn(
+            train_tiles, train_manifest, args.retrain, [*args.overrides, f"train.seed={seed}"], args.kernels
+        )
         for seed in train_seeds
     }
     cnn_seconds = time.monotonic() - timer
     timer = time.monotonic()
     if not args.no_baseline:
-        runs["baseline"] = _train_baseline(train_tiles, train_manifest, args.retrain, args.overrides)
+        runs["baseline"] = _train_baseline(train_tiles, train_manifest, args.retrain, args.overrides, args.kernels)
     baseline_seconds = time.monotonic() - timer
 
     timer = time.monotonic()
@@ -479,7 +508,7 @@ def main() -> None:
     machine = _machine()
     print(f"\nmodel quality on the embedded default{trial} — tracking {os.environ['MLFLOW_TRACKING_URI']}")
     print(f"  machine        {machine['cpu']} ({machine['vector_unit']}, {machine['cores']} cores), "
-          f"TensorFlow {machine['tensorflow']}")  # fmt: skip
+          f"TensorFlow {machine['tensorflow']}, kernels {machine['kernels']}")  # fmt: skip
     print(f"  training data  {train_manifest} (tiles {train_tiles}); training seeds {', '.join(map(str, train_seeds))}")
     for seed, info in heldout_info.items():
         print(f"  held-out       seed {seed}: {info['manifest']} (names shared with the training mirror: "
@@ -514,6 +543,7 @@ def main() -> None:
           f"CNN {cnn_seconds:.0f} s, baseline {baseline_seconds:.0f} s, evaluation {eval_seconds:.0f} s, "
           f"total {total:.0f} s")  # fmt: skip
     grid = ["train", *map(str, train_seeds), "heldout", *map(str, args.heldout_seeds)]
+    grid += [] if args.kernels == "native" else ["kernels", args.kernels]
     result_file = RESULT_FILE.with_stem(f"quality-{_key(args.overrides, grid)}")
     write_json(
         result_file,
