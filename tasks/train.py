@@ -76,6 +76,9 @@ class TrainParams(StepParams):
     ema_momentum: float | None = Field(default=None, gt=0, lt=1)
     selection_metric: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
     augment: bool
+    augment_gain: float = Field(default=0.0, ge=0, lt=1)
+    augment_offset: float = Field(default=0.0, ge=0)
+    augment_noise: float = Field(default=0.0, ge=0)
     shuffle_buffer: int = Field(gt=0)
     class_weighting: Literal["auto", "none"]
     seed: int
@@ -88,7 +91,9 @@ class TrainParams(StepParams):
 
     # Options added after runs were checkpointed: left out of the fingerprint at their defaults, so that those
     # checkpoints (and bench.quality's reusable runs), which trained exactly so, still match.
-    _ADDED_LATER: ClassVar[tuple[str, ...]] = ("ema_momentum", "selection_metric")
+    _ADDED_LATER: ClassVar[tuple[str, ...]] = (
+        "ema_momentum", "selection_metric", "augment_gain", "augment_offset", "augment_noise"
+    )  # fmt: skip
 
     def fingerprint(self) -> dict[str, Any]:
         """The params as a resumable checkpoint must match them (JSON types)."""
@@ -446,7 +451,8 @@ def train(
                 model.load_weights(str(state.file(state.best_weights)))
                 best_weights = model.get_weights()
             model.load_weights(str(state.file(state.weights)))  # the model and optimizer after the last epoch
-    settings = inputs.PipelineSettings(params.batch_size, True, params.augment, seed, params.shuffle_buffer)
+    jitter = inputs.Photometric(params.augment_gain, params.augment_offset, params.augment_noise)
+    settings = inputs.PipelineSettings(params.batch_size, True, params.augment, seed, params.shuffle_buffer, jitter)
     train_data = inputs.dataset(source, splits["train"], settings)
     val_data = inputs.dataset(source, splits["val"], inputs.PipelineSettings(params.batch_size, False, False, seed))
 

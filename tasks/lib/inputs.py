@@ -11,6 +11,10 @@ symmetry). The whole pipeline then costs about a sixth of the CPU time per patch
 TensorFlow selects over the batch, and on a 2-core machine that time is taken from the training step
 (bench/train_input.py). Its randomness comes from `tf.data.Dataset.random`, re-drawn each epoch from the seed, so
 runs with the same seed see the same batches in the same order.
+
+Photometric augmentation (train split only, off by default) varies what real imagery varies in besides orientation,
+the seed documents' scale, shift and noise: a gain per band, one brightness offset per patch and sensor noise per
+pixel, applied to the float32 copy the symmetries made, from the same per-batch draw.
 """
 
 from __future__ import annotations
@@ -92,12 +96,26 @@ def channel_moments(source: PatchReader, frame: pd.DataFrame) -> tuple[list[floa
 
 
 @dataclass(frozen=True)
+class Photometric:
+    """Per-patch photometric jitter; zeros switch it off."""
+
+    gain: float = 0.0  # each band multiplied by U(1 - gain, 1 + gain)
+    offset: float = 0.0  # U(-offset, offset) DN added to every band alike
+    noise: float = 0.0  # N(0, noise) DN added to every pixel
+
+    @property
+    def active(self) -> bool:
+        return bool(self.gain or self.offset or self.noise)
+
+
+@dataclass(frozen=True)
 class PipelineSettings:
     batch_size: int
     shuffle: bool
     augment: bool
     seed: int
     shuffle_buffer: int = 4096
+    photometric: Photometric = Photometric()
 
 
 def dataset(source: PatchReader, frame: pd.DataFrame, settings: PipelineSettings) -> Any:
@@ -111,7 +129,11 @@ def dataset(source: PatchReader, frame: pd.DataFrame, settings: PipelineSettings
     def gather(rows: np.ndarray, draw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         patches = source.gather(shards[rows], offsets[rows])
         if settings.augment:
-            return random_symmetries(patches, np.random.default_rng(int(draw) % 2**64)), labels[rows]
+            rng = np.random.default_rng(int(draw) % 2**64)
+            augmented = random_symmetries(patches, rng)
+            if settings.photometric.active:
+                photometric_jitter(augmented, settings.photometric, rng)
+            return augmented, labels[rows]
         return patches.astype(np.float32), labels[rows]
 
     def load(rows: Any, draw: Any) -> tuple[Any, Any]:
@@ -154,3 +176,16 @@ def random_symmetries(patches: np.ndarray, rng: np.random.Generator) -> np.ndarr
             view = view[:, :, ::-1]
         out[rows] = view
     return out
+
+
+def photometric_jitter(patches: np.ndarray, jitter: Photometric, rng: np.random.Generator) -> np.ndarray:
+    """`patches` (n, h, w, c) float32, jittered in place as `jitter` says and kept non-negative (reflectance)."""
+    count, channels = len(patches), patches.shape[-1]
+    if jitter.gain:
+        patches *= rng.uniform(1 - jitter.gain, 1 + jitter.gain, size=(count, 1, 1, channels)).astype(np.float32)
+    if jitter.offset:
+        patches += rng.uniform(-jitter.offset, jitter.offset, size=(count, 1, 1, 1)).astype(np.float32)
+    if jitter.noise:
+        patches += np.float32(jitter.noise) * rng.standard_normal(patches.shape, dtype=np.float32)
+    np.maximum(patches, 0, out=patches)
+    return patches

@@ -1,10 +1,10 @@
-"""The training input pipeline's augmentation: flips and 90° rotations only, uniform, seeded."""
+"""The training input pipeline's augmentation: flips and 90° rotations, uniform, seeded; photometric jitter."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tasks.lib.inputs import random_symmetries
+from tasks.lib.inputs import Photometric, photometric_jitter, random_symmetries
 
 
 def _symmetries_of(patch: np.ndarray) -> list[np.ndarray]:
@@ -39,3 +39,35 @@ def test_symmetries_are_drawn_uniformly():
     assert len(counts) == 8
     chi2 = ((counts - 1000) ** 2 / 1000).sum()
     assert chi2 < 24.3  # 7 degrees of freedom, p = 0.001
+
+
+def _bright_patches(count: int = 200) -> np.ndarray:
+    return np.random.default_rng(0).uniform(1000, 3000, size=(count, 8, 8, 3)).astype(np.float32)
+
+
+def test_the_gain_scales_each_band_of_a_patch_by_one_factor_within_its_range():
+    patches = _bright_patches()
+    out = photometric_jitter(patches.copy(), Photometric(gain=0.1), np.random.default_rng(1))
+    ratio = out / patches
+    per_band = ratio[:, :1, :1, :]
+    np.testing.assert_allclose(ratio, np.broadcast_to(per_band, ratio.shape), rtol=1e-6)  # one factor per band
+    assert per_band.min() >= 0.9 and per_band.max() <= 1.1 and per_band.std() > 0.04  # spread over the range
+    assert (np.abs(per_band[:, 0, 0, 0] - per_band[:, 0, 0, 1]) > 1e-3).mean() > 0.9  # bands drawn apart
+
+
+def test_the_offset_shifts_every_band_of_a_patch_alike_and_noise_is_per_pixel():
+    patches = _bright_patches()
+    shifted = photometric_jitter(patches.copy(), Photometric(offset=200), np.random.default_rng(1)) - patches
+    np.testing.assert_allclose(shifted, np.broadcast_to(shifted[:, :1, :1, :1], shifted.shape), atol=1e-3)
+    assert np.abs(shifted).max() <= 200 and shifted[:, 0, 0, 0].std() > 80
+    noise = photometric_jitter(patches.copy(), Photometric(noise=20), np.random.default_rng(1)) - patches
+    assert abs(noise.mean()) < 1 and 19 < noise.std() < 21
+
+
+def test_jitter_keeps_reflectance_non_negative_and_zero_jitter_is_off():
+    dark = np.zeros((16, 4, 4, 3), dtype=np.float32)
+    out = photometric_jitter(dark.copy(), Photometric(offset=500, noise=100), np.random.default_rng(2))
+    assert out.min() == 0 and out.max() > 0
+    assert not Photometric().active
+    patches = _bright_patches(4)
+    assert np.array_equal(photometric_jitter(patches.copy(), Photometric(), np.random.default_rng(3)), patches)
