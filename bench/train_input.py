@@ -22,8 +22,10 @@ TensorFlow starts): TensorFlow's intra/inter-op thread pools, oneDNN off, XLA (`
 each timing one epoch of model.fit over the same --option-images augmented patches held in memory (as (b)), the
 processes measured one after another in alternating rounds; each option's rate is reported over the default's of its
 own round. Then (e): the default and the fastest option each train a fresh model from the same seed for
---quality-epochs epochs on the real pipeline and report val metrics, to check the option leaves results equal. The
-Keras backend is printed; JAX is not a dependency (measure it from a throwaway venv with KERAS_BACKEND=jax).
+--quality-epochs epochs on the real pipeline and report val metrics, to check the option leaves results equal. Keras
+on the JAX backend is one more option with `--jax DIR`, a directory JAX is installed in (JAX is not a dependency:
+`uv pip install --target DIR --no-deps jax jaxlib` beside this venv's numpy, ml_dtypes, scipy and opt_einsum); its
+process gets KERAS_BACKEND=jax, DIR on PYTHONPATH and Keras' jit-compiled training step.
 Beside the options, lighter networks (the seed CNN on 2×2 block means, or with a stride-2 first convolution: other
 models, so their quality is bench.quality's to measure, never (e)'s) and a slower machine of this kind emulated here
 (oneDNN held to AVX2 kernels, the process held to one core), alone and with the strided network: what the demo's
@@ -117,6 +119,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "batch 32": {"batch_size": 32},
     "batch 128": {"batch_size": 128},
     "XLA, batch 128": {"jit_compile": True, "batch_size": 128},
+    "Keras on JAX (jitted)": {"backend": "jax", "jit_compile": True},  # with --jax only
     "block means (input_pooling 2)": {"model": ["model.input_pooling=2"]},
     "strided first convolution": {"model": [STRIDED_CNN]},
     "emulated: AVX2 kernels, 1 core": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1},
@@ -170,11 +173,15 @@ def _option_worker(option: dict[str, Any], images: int) -> None:
             print(json.dumps(last | {"seconds": round(seconds, 1)}), flush=True)
 
 
-def _options(rounds: int, images: int, quality_epochs: int) -> None:
+def _options(rounds: int, images: int, quality_epochs: int, jax: Path | None) -> None:
     """(d) and (e): each option in its own process, timed in alternating rounds; the fastest checked for equality."""
     workers: dict[str, subprocess.Popen[str]] = {}
-    for name, option in OPTIONS.items():
+    options = {name: option for name, option in OPTIONS.items() if jax or option.get("backend") != "jax"}
+    for name, option in options.items():
         env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"} | option.get("env", {})
+        if option.get("backend") == "jax":
+            path = os.pathsep.join(filter(None, [str(jax), env.get("PYTHONPATH")]))
+            env |= {"KERAS_BACKEND": "jax", "PYTHONPATH": path}
         if option.get("onednn") is False:
             env["TF_ENABLE_ONEDNN_OPTS"] = "0"
         command = [sys.executable, "-m", "bench.train_input", f"--option-images={images}"]
@@ -188,7 +195,8 @@ def _options(rounds: int, images: int, quality_epochs: int) -> None:
         if not first:
             raise SystemExit(f"option {name!r}: its process exited {workers[name].wait()} before it was ready")
         ready = json.loads(first)
-    backend = ready["backend"]
+        if name == "default":
+            backend = ready["backend"]
 
     def ask(name: str, command: str) -> dict[str, Any]:
         proc = workers[name]
@@ -196,9 +204,9 @@ def _options(rounds: int, images: int, quality_epochs: int) -> None:
         proc.stdin.flush()  # type: ignore[union-attr]
         return json.loads(proc.stdout.readline())  # type: ignore[union-attr]
 
-    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in OPTIONS}
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in options}
     for _ in range(rounds):
-        for name in OPTIONS:
+        for name in options:
             measured[name].append(ask(name, "fit"))
     base = [m["rate"] for m in measured["default"]]
     print(
@@ -217,7 +225,7 @@ def _options(rounds: int, images: int, quality_epochs: int) -> None:
             f"      {name:<28} {statistics.median(rates):7.1f}   {ratios[name]:5.2f} (rounds {low:.2f} .. {high:.2f})"
             f"        {cpu:.1f}"
         )
-    fastest = max(SAME_RESULTS, key=ratios.__getitem__)
+    fastest = max((name for name in SAME_RESULTS if name in ratios), key=ratios.__getitem__)
     if quality_epochs and fastest != "default":
         print(f"  (e) equal results? a fresh model from the same seed, {quality_epochs} epochs on the real pipeline:")
         for name in ("default", fastest):
@@ -236,6 +244,7 @@ def main() -> None:
     p.add_argument("--option-rounds", type=int, default=3, help="alternating rounds of (d)")
     p.add_argument("--option-images", type=int, default=384, help="patches per epoch of (d): 32, 64, 128 divide it")
     p.add_argument("--quality-epochs", type=int, default=3, help="epochs of (e); 0 skips it")
+    p.add_argument("--jax", type=Path, metavar="DIR", help="a directory JAX is installed in: adds Keras on JAX to (d)")
     p.add_argument("--worker", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -245,7 +254,7 @@ def main() -> None:
     if args.part != "options":
         _input(args)
     if args.part != "input":
-        _options(args.option_rounds, args.option_images, args.quality_epochs)
+        _options(args.option_rounds, args.option_images, args.quality_epochs, args.jax)
 
 
 def _input(args: argparse.Namespace) -> None:
