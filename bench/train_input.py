@@ -26,8 +26,9 @@ own round. Then (e): the default and the fastest option each train a fresh model
 on the JAX backend is one more option with `--jax DIR`, a directory JAX is installed in (JAX is not a dependency:
 `uv pip install --target DIR --no-deps jax jaxlib` beside this venv's numpy, ml_dtypes, scipy and opt_einsum); its
 process gets KERAS_BACKEND=jax, DIR on PYTHONPATH and Keras' jit-compiled training step.
-Beside the options, lighter networks (the seed CNN on 2×2 block means, or with a stride-2 first convolution: other
-models, so their quality is bench.quality's to measure, never (e)'s) and a slower machine of this kind emulated here
+Beside the options, other networks (the seed CNN on 2×2 block means, or with a stride-2 first convolution; the
+keras.applications backbones mobilenet_v2 and resnet50_v2 from scratch: other models, so their quality is
+bench.quality's to measure, never (e)'s) and a slower machine of this kind emulated here
 (oneDNN held to AVX2 kernels, the process held to one core), alone and with the strided network: what the demo's
 training budget buys where the seed CNN trains at a sixth of this machine's rate.
 
@@ -122,6 +123,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "Keras on JAX (jitted)": {"backend": "jax", "jit_compile": True},  # with --jax only
     "block means (input_pooling 2)": {"model": ["model.input_pooling=2"]},
     "strided first convolution": {"model": [STRIDED_CNN]},
+    "mobilenet_v2 from scratch": {"model": ["model.architecture=mobilenet_v2"]},
+    "resnet50_v2 from scratch": {"model": ["model.architecture=resnet50_v2"]},
     "emulated: AVX2 kernels, 1 core": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1},
     "emulated, strided": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1, "model": [STRIDED_CNN]},
 }

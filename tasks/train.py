@@ -75,6 +75,7 @@ class TrainParams(StepParams):
     warmup_epochs: int = Field(ge=0)
     ema_momentum: float | None = Field(default=None, gt=0, lt=1)
     selection_metric: Literal["val_loss", "val_auc", "val_pr_auc"] = "val_loss"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     augment: bool
     augment_gain: float = Field(default=0.0, ge=0, lt=1)
     augment_offset: float = Field(default=0.0, ge=0)
@@ -92,7 +93,7 @@ class TrainParams(StepParams):
     # Options added after runs were checkpointed: left out of the fingerprint at their defaults, so that those
     # checkpoints (and bench.quality's reusable runs), which trained exactly so, still match.
     _ADDED_LATER: ClassVar[tuple[str, ...]] = (
-        "ema_momentum", "selection_metric", "augment_gain", "augment_offset", "augment_noise"
+        "ema_momentum", "selection_metric", "label_smoothing", "augment_gain", "augment_offset", "augment_noise"
     )  # fmt: skip
 
     def fingerprint(self) -> dict[str, Any]:
@@ -444,7 +445,13 @@ def train(
     best_weights = None
     with strategy.scope():
         model = build_model(model_params, mean, variance)
-        compile_for_training(model, params.optimizer, params.learning_rate, ema_momentum=params.ema_momentum)
+        compile_for_training(
+            model,
+            params.optimizer,
+            params.learning_rate,
+            ema_momentum=params.ema_momentum,
+            label_smoothing=params.label_smoothing,
+        )
         if state.weights:
             model.optimizer.build(model.trainable_variables)
             if state.best_weights:

@@ -112,6 +112,7 @@ def compile_for_training(
     learning_rate: float,
     *,
     ema_momentum: float | None = None,
+    label_smoothing: float = 0.0,
     jit_compile: bool = False,
 ) -> None:
     """Binary cross-entropy with the metrics every run logs per epoch (accuracy, precision, recall, ROC AUC, PR AUC).
@@ -119,6 +120,7 @@ def compile_for_training(
     Args:
         ema_momentum: keep an exponential moving average of the weights in the optimizer, updated every step
             (Keras' `use_ema`); tasks.train validates and keeps those averaged weights. None: no average.
+        label_smoothing: train towards 1 - s/2 and s/2 instead of 1 and 0 (the reported loss is the smoothed one).
         jit_compile: compile the training step with XLA (Keras' "auto" leaves it off on CPU-only machines).
     """
     import keras
@@ -129,7 +131,7 @@ def compile_for_training(
     model.compile(
         jit_compile=jit_compile,
         optimizer=keras.optimizers.get({"class_name": optimizer, "config": config}),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
             keras.metrics.Precision(name="precision"),

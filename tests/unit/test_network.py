@@ -56,3 +56,18 @@ def test_a_stride_wider_than_the_kernel_is_refused():
         load_section(
             "model", ModelParams, overrides=["model.conv_layers=[{filters: 8, kernel: 2, stride: 3, pool: 1}]"]
         )
+
+
+def test_label_smoothing_trains_towards_softened_targets():
+    """train.label_smoothing 0.2: a cloud patch scored 0.9 is already on target (0.9), so its loss is the entropy of
+    0.9, not -log 0.9."""
+    import keras
+
+    from tasks.lib.model import compile_for_training
+
+    params = load_section("model", ModelParams, overrides=["model.conv_layers=[{filters: 2, kernel: 3, pool: 4}]"])
+    for smoothing, expected in ((0.0, -np.log(0.9)), (0.2, -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)))):
+        model = build_model(params, [1.0] * 3, [1.0] * 3)
+        compile_for_training(model, "adam", 0.001, label_smoothing=smoothing)
+        loss = model.loss(np.array([[1.0]], dtype="float32"), np.array([[0.9]], dtype="float32"))
+        assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-4)
