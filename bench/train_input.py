@@ -176,10 +176,14 @@ def _option_worker(option: dict[str, Any], images: int) -> None:
             print(json.dumps(last | {"seconds": round(seconds, 1)}), flush=True)
 
 
-def _options(rounds: int, images: int, quality_epochs: int, jax: Path | None) -> None:
+def _options(rounds: int, images: int, quality_epochs: int, jax: Path | None, chosen: list[str] | None) -> None:
     """(d) and (e): each option in its own process, timed in alternating rounds; the fastest checked for equality."""
     workers: dict[str, subprocess.Popen[str]] = {}
-    options = {name: option for name, option in OPTIONS.items() if jax or option.get("backend") != "jax"}
+    options = {
+        name: option
+        for name, option in OPTIONS.items()
+        if (jax or option.get("backend") != "jax") and (not chosen or name == "default" or name in chosen)
+    }
     for name, option in options.items():
         env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"} | option.get("env", {})
         if option.get("backend") == "jax":
@@ -248,6 +252,14 @@ def main() -> None:
     p.add_argument("--option-images", type=int, default=384, help="patches per epoch of (d): 32, 64, 128 divide it")
     p.add_argument("--quality-epochs", type=int, default=3, help="epochs of (e); 0 skips it")
     p.add_argument("--jax", type=Path, metavar="DIR", help="a directory JAX is installed in: adds Keras on JAX to (d)")
+    p.add_argument(
+        "--options",
+        nargs="+",
+        choices=list(OPTIONS),
+        metavar="NAME",
+        help="measure only these options of (d) beside the default (each process holds a model and its data: all "
+        f"{len(OPTIONS)} at once need ~25 GB with the backbones); names: {', '.join(OPTIONS)}",
+    )
     p.add_argument("--worker", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -257,7 +269,7 @@ def main() -> None:
     if args.part != "options":
         _input(args)
     if args.part != "input":
-        _options(args.option_rounds, args.option_images, args.quality_epochs, args.jax)
+        _options(args.option_rounds, args.option_images, args.quality_epochs, args.jax, args.options)
 
 
 def _input(args: argparse.Namespace) -> None:
