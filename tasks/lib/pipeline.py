@@ -26,14 +26,17 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field
 
 from tasks.lib import xcoms
 from tasks.lib.config import StepParams, default_params, load_section
-from tasks.lib.errors import ConfigError, PipelineError, TrainingBackendError
+from tasks.lib.errors import ConfigError, PipelineError
 from tasks.lib.files import jsonable, write_json
+
+if TYPE_CHECKING:  # imported where used: a DAG file that parses this module needs neither
+    from tasks.lib.backends import BackendsParams, TrainingRequest
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +509,9 @@ def plan_training(
     return _plan(request, backends)
 
 
-def _plan(request: Any, backends: Any, search: xcoms.Searched | None = None) -> xcoms.TrainingPlan:
+def _plan(
+    request: TrainingRequest, backends: BackendsParams, search: xcoms.Searched | None = None
+) -> xcoms.TrainingPlan:
     from tasks.lib.backends import POD_XCOM_FILE
 
     plan = xcoms.TrainingPlan(
@@ -526,7 +531,8 @@ def search_step(run: Run, *, plan: xcoms.TrainingPlan) -> xcoms.TrainingPlan:
     registered and gated like any challenger.
 
     Raises:
-        TrainingBackendError: the search failed, or none of its trials completed (nothing to train with).
+        TrainingBackendError: the search failed (transient: a retry searches again).
+        ConfigError: none of its trials completed (every learning rate of the space diverged): nothing to train with.
     """
     from dataclasses import replace
 
@@ -535,7 +541,10 @@ def search_step(run: Run, *, plan: xcoms.TrainingPlan) -> xcoms.TrainingPlan:
     request = TrainingRequest.from_json(dict(plan["request"]))
     found = run_search_local(request, params_path=run.params_path)
     if not found.get("best_params"):
-        raise TrainingBackendError(f"search run {found['run_id']}: no trial completed, so there is nothing to train")
+        raise ConfigError(
+            f"search run {found['run_id']}: no trial completed (see its trials), so there is nothing to train; narrow "
+            "the search section's learning-rate range"
+        )
     best = tuple(f"train.{name}={value!r}" if isinstance(value, float) else f"train.{name}={value}"
                  for name, value in sorted(found["best_params"].items()))  # fmt: skip
     log.info("search run %s: training with %s", found["run_id"], ", ".join(best))
