@@ -29,7 +29,7 @@ process gets KERAS_BACKEND=jax, DIR on PYTHONPATH and Keras' jit-compiled traini
 Beside the options, other networks (the seed CNN on 2×2 block means, or with a stride-2 first convolution; the
 keras.applications backbones mobilenet_v2 and resnet50_v2 from scratch: other models, so their quality is
 bench.quality's to measure, never (e)'s) and a slower machine of this kind emulated here
-(oneDNN held to AVX2 kernels, the process held to one core), alone and with the seed CNN: what the demo's
+(oneDNN held to AVX2 kernels, the process held to one core), alone and with the strided network: what the demo's
 training budget buys where the seed CNN trains at a sixth of this machine's rate.
 
 Data: the demo's tiles and small set when `make demo` has run; otherwise a mirror is built, tiled and sampled with
@@ -50,7 +50,7 @@ from typing import Any
 
 from tasks.lib import inputs
 from tasks.lib.config import load_section
-from tasks.lib.model import SEED_CNN, ModelParams, build_model, compile_for_training
+from tasks.lib.model import STRIDED_CNN, ModelParams, build_model, compile_for_training
 from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 from tasks.lib.training_runs import read_splits
 from tasks.sample import MANIFEST_FILE
@@ -122,11 +122,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "XLA, batch 128": {"jit_compile": True, "batch_size": 128},
     "Keras on JAX (jitted)": {"backend": "jax", "jit_compile": True},  # with --jax only
     "block means (input_pooling 2)": {"model": ["model.input_pooling=2"]},
-    "seed CNN (stride 1)": {"model": [SEED_CNN]},
+    "strided first convolution": {"model": [STRIDED_CNN]},
     "mobilenet_v2 from scratch": {"model": ["model.architecture=mobilenet_v2"]},
     "resnet50_v2 from scratch": {"model": ["model.architecture=resnet50_v2"]},
     "emulated: AVX2 kernels, 1 core": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1},
-    "emulated, seed CNN": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1, "model": [SEED_CNN]},
+    "emulated, strided": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1, "model": [STRIDED_CNN]},
 }
 # Options whose results must equal the default's (the others train another network or emulate another machine).
 SAME_RESULTS = [name for name, option in OPTIONS.items() if not option.keys() & {"model", "env", "cores"}]

@@ -7,7 +7,7 @@ import pytest
 
 from tasks.lib.config import load_section
 from tasks.lib.errors import ConfigError
-from tasks.lib.model import SEED_CNN, ModelParams, build_model, describe
+from tasks.lib.model import STRIDED_CNN, ModelParams, build_model, describe
 from tasks.lib.tiles import PATCH_SHAPE
 
 
@@ -25,8 +25,8 @@ def _conv_macs(model) -> int:
 
 
 def test_input_pooling_shows_the_network_block_means_of_the_whole_patch_for_a_fifth_of_the_compute():
-    plain = build_model(load_section("model", ModelParams, overrides=[SEED_CNN]), [1.0] * 3, [1.0] * 3)
-    pooled_params = load_section("model", ModelParams, overrides=[SEED_CNN, "model.input_pooling=2"])
+    plain = build_model(load_section("model", ModelParams), [1.0] * 3, [1.0] * 3)
+    pooled_params = load_section("model", ModelParams, overrides=["model.input_pooling=2"])
     pooled = build_model(pooled_params, [1.0] * 3, [1.0] * 3)
     assert pooled.input_shape == plain.input_shape == (None, *PATCH_SHAPE)  # served exactly as before
     assert pooled.get_layer("input_pooling").output.shape[1:3] == (60, 60)
@@ -37,19 +37,18 @@ def test_input_pooling_shows_the_network_block_means_of_the_whole_patch_for_a_fi
     assert "input_pooling" not in {layer.name for layer in plain.layers}  # params.yaml's default: none
 
 
-def test_the_defaults_strided_first_convolution_sees_every_pixel_for_a_fraction_of_the_seed_cnns_compute():
-    seed_params = load_section("model", ModelParams, overrides=[SEED_CNN])
-    plain = build_model(seed_params, [1.0] * 3, [1.0] * 3)
-    strided_params = load_section("model", ModelParams)
+def test_a_strided_first_convolution_sees_every_pixel_for_a_fraction_of_the_compute():
+    plain = build_model(load_section("model", ModelParams), [1.0] * 3, [1.0] * 3)
+    strided_params = load_section("model", ModelParams, overrides=[STRIDED_CNN])
     strided = build_model(strided_params, [1.0] * 3, [1.0] * 3)
     assert strided.input_shape == plain.input_shape == (None, *PATCH_SHAPE)
     first = next(layer for layer in strided.layers if layer.name.startswith("conv2d"))
     assert first.strides == (2, 2) and first.output.shape[1:3] == (58, 58)  # windows 2 apart, 5 wide: none skipped
     assert 0.15 < _conv_macs(strided) / _conv_macs(plain) < 0.3
     assert describe(strided_params)["conv0"] == "32x5x5/stride2/pool2"
-    assert describe(seed_params)["conv0"] == "32x5x5/pool2"  # the seed CNN's record as before
+    assert describe(load_section("model", ModelParams))["conv0"] == "32x5x5/pool2"  # the default's record unchanged
     # A stride of 1 is the default and is not written out, so the seed CNN's training fingerprint is unchanged.
-    assert "stride" not in str(seed_params.model_dump(exclude_defaults=True))
+    assert "stride" not in str(load_section("model", ModelParams).model_dump(exclude_defaults=True))
 
 
 def test_a_stride_wider_than_the_kernel_is_refused():
