@@ -59,14 +59,17 @@ class ModelParams(StepParams):
 
 def describe(params: ModelParams) -> dict[str, Any]:
     """The architecture as flat MLflow params."""
-    flat: dict[str, Any] = {"architecture": params.architecture, "input_pooling": params.input_pooling}
+    flat: dict[str, Any] = {
+        "architecture": params.architecture,
+        "input_pooling": params.input_pooling,
+        "batch_norm_momentum": params.batch_norm_momentum,
+    }
     if params.architecture == "cnn":
         for i, layer in enumerate(params.conv_layers):
             stride = f"/stride{layer.stride}" if layer.stride > 1 else ""
             flat[f"conv{i}"] = f"{layer.filters}x{layer.kernel}x{layer.kernel}{stride}/pool{layer.pool}"
         flat["dense_units"] = params.dense_units
         flat["initializer"] = params.initializer
-        flat["batch_norm_momentum"] = params.batch_norm_momentum
     else:
         flat["weights"] = str(params.weights) if params.weights else "scratch"
         flat["freeze_backbone"] = params.freeze_backbone
@@ -157,4 +160,9 @@ def _backbone(params: ModelParams) -> Any:
     except ValueError as exc:
         raise ConfigError(f"model.weights {params.weights}: not usable for {params.architecture}: {exc}") from exc
     backbone.trainable = not (params.weights and params.freeze_backbone)
+    # keras.applications build their BatchNormalization with momentum 0.99-0.999, too slow for the small set's 30 steps
+    # an epoch (the seed CNN's lesson, see params.yaml): the moving statistics would lag the weights for many epochs.
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = params.batch_norm_momentum
     return backbone

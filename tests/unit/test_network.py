@@ -71,3 +71,18 @@ def test_label_smoothing_trains_towards_softened_targets():
         compile_for_training(model, "adam", 0.001, label_smoothing=smoothing)
         loss = model.loss(np.array([[1.0]], dtype="float32"), np.array([[0.9]], dtype="float32"))
         assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_backbone_from_scratch_keeps_batch_norm_statistics_as_current_as_the_seed_cnn():
+    import keras
+
+    params = load_section("model", ModelParams, overrides=["model.architecture=mobilenet_v2"])
+    model = build_model(params, [1.0] * 3, [1.0] * 3)
+    norms = [
+        layer
+        for layer in model.get_layer("mobilenetv2_1.00_120").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(norms) > 10
+    assert {layer.momentum for layer in norms} == {params.batch_norm_momentum}  # keras.applications' 0.999 replaced
+    assert describe(params)["batch_norm_momentum"] == params.batch_norm_momentum
