@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -353,9 +354,42 @@ def distribution(pairs: list[dict[str, float]]) -> dict[str, Any]:
     return {"pairs": len(pairs), "met": met, "share_met": met / len(pairs) if pairs else float("nan")} | spread
 
 
-def _print_distribution(summary: dict[str, Any]) -> None:
+def averaged_scores(members: list[pd.DataFrame]) -> pd.DataFrame:
+    """The first member's predictions (set, patch_id, label, slice columns) with every member's score averaged per
+    (set, patch_id), whatever order each member's rows are in."""
+    keyed = [m.set_index(["set", "patch_id"])["score"] for m in members]
+    if any(len(k) != len(keyed[0]) or set(k.index) != set(keyed[0].index) for k in keyed):
+        raise ValueError("the ensemble's members were evaluated on different patches")
+    mean = pd.concat(keyed, axis=1).mean(axis=1).rename("score")
+    return members[0].drop(columns="score").join(mean, on=["set", "patch_id"])
+
+
+def _ensembles(
+    evaluations: dict[tuple[str, str], dict], cnns: list[str], sets: list[str], size: int, overrides: list[str]
+) -> dict[tuple[tuple[str, ...], str], dict[str, float]]:
+    """Every `size`-member ensemble of the grid's CNNs on every set: the members' recorded val, test and natural
+    scores averaged per patch, then tasks.evaluate's own threshold rule and metrics (nothing is trained or scored
+    again)."""
+    from mlflow import MlflowClient
+
+    from tasks.evaluate import EvaluateParams, assess
+    from tasks.lib.registry import recorded_evaluation
+
+    params = load_section("evaluate", EvaluateParams, overrides=overrides)
+    client = MlflowClient()
+    scored = {key: recorded_evaluation(client, m["logged_to"])[1] for key, m in evaluations.items() if key[0] in cnns}
+    results = {}
+    for members in itertools.combinations(cnns, size):
+        for data in sets:
+            averaged = averaged_scores([scored[(m, data)] for m in members])
+            _, metrics, _ = assess(averaged, params.target_recall, params.slice_columns, params.threshold_confidence)
+            results[(members, data)] = metrics
+    return results
+
+
+def _print_distribution(summary: dict[str, Any], pairs: str = "training seed × held-out seed") -> None:
     print(
-        f"\nheld-out test over {summary['pairs']} (training seed × held-out seed) pairs: target met on "
+        f"\nheld-out test over {summary['pairs']} ({pairs}) pairs: target met on "
         f"{summary['met']} ({summary['share_met']:.0%}; goal >= {GOAL_SHARE:.0%}, median precision >= "
         f"{GOAL_MEDIAN_PRECISION})"
     )
@@ -380,6 +414,13 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="leave the SGD baseline out (a lever's grid)")
     p.add_argument("--curves", action="store_true", help="print each CNN's per-epoch curves (always in the JSON)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished run can be reused")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="K",
+        help="also measure every K-member ensemble of the trained CNNs (their scores averaged per patch; costs K runs' "
+        "training)",
+    )
     p.add_argument(
         "--kernels",
         choices=["native", "avx2"],
@@ -497,6 +538,16 @@ def main() -> None:
     summary["goal_met"] = bool(
         goal["share_met"] >= GOAL_SHARE and goal["test_op_precision"]["median"] >= GOAL_MEDIAN_PRECISION
     )
+    if args.ensemble:
+        if not 2 <= args.ensemble <= len(cnns):
+            p.error(f"--ensemble {args.ensemble}: needs 2 to {len(cnns)} members (the CNNs trained)")
+        ensembles = _ensembles(evaluations, cnns, list(sets), args.ensemble, args.overrides)
+        summary["ensembles"] = {
+            "size": args.ensemble,
+            "members": [list(members) for members in itertools.combinations(cnns, args.ensemble)],
+            "heldout": distribution([m for (_, data), m in ensembles.items() if data != training_data]),
+            "training_mirror": distribution([m for (_, data), m in ensembles.items() if data == training_data]),
+        }
     if "baseline" in runs:
         summary["cnn_minus_baseline_roc_auc_min"] = min(
             evaluations[(model, data)]["test_roc_auc"] - evaluations[("baseline", data)]["test_roc_auc"]
@@ -535,6 +586,16 @@ def main() -> None:
     _print_distribution(summary["heldout"])
     print(f"  -> {'MET' if summary['goal_met'] else 'NOT MET'}; on the training mirror's own test split: target met "
           f"by {summary['training_mirror']['met']} of {len(own_test)}")  # fmt: skip
+    if "ensembles" in summary:
+        found = summary["ensembles"]
+        cost = np.median([train_runs[m]["train_seconds"] for m in cnns]) * found["size"]
+        listed = "; ".join(" + ".join(m) for m in found["members"])
+        print(f"\nensembles of {found['size']} ({listed}), about {cost / 60:.1f} min of training each:")
+        _print_distribution(found["heldout"], "ensemble × held-out seed")
+        own = found["training_mirror"]
+        precision = own["test_op_precision"]
+        print(f"  on the training mirror's own test split: target met by {own['met']} of {own['pairs']}, precision "
+              f"min {precision['min']:.3f}, median {precision['median']:.3f}")  # fmt: skip
     if "cnn_minus_baseline_roc_auc_min" in summary:
         margin = summary["cnn_minus_baseline_roc_auc_min"]
         print(f"  CNN - baseline test ROC-AUC, smallest over every set: {margin:+.3f}")
