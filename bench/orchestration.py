@@ -27,7 +27,7 @@ import json
 import shutil
 
 from bench.slow_machine import Unavailable, emulated
-from demo.run import REPO, run_demo, wall_time
+from demo.run import REPO, describe, run_demo, wall_time
 from tasks.lib.cli import configure_logging
 
 SCRATCH = REPO / ".local" / "bench" / "orchestration"
@@ -55,6 +55,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(SCRATCH, ignore_errors=True)
+    print(f"\n{describe(outcome)}")  # what the demo reached: epochs, test figures, the gate's verdict
     runs = [outcome.refresh, outcome.training, *([outcome.screening] if outcome.screening else [])]
     tasks = {f"{o.dag_id}.{task}": seconds for o in runs for task, seconds in o.task_seconds.items() if seconds}
     print("\ntask                                   seconds")
@@ -72,7 +73,8 @@ def main() -> None:
             f"emulated: the demo held to {slow['cpus']:g} cores' worth of CPU, the trainer to {slow['trainer_cpus']:g}"
         )
     result = {"overhead": outcome.overhead, "dag_seconds": outcome.dag_seconds, "task_seconds": outcome.task_seconds,
-              "demo_seconds": outcome.seconds, "tasks": tasks, "emulated": slow}  # fmt: skip
+              "demo_seconds": outcome.seconds, "tasks": tasks, "emulated": slow,
+              "training_summary": outcome.training.results["summary"]["text"]}  # fmt: skip
     (REPO / ".local" / "bench").mkdir(parents=True, exist_ok=True)
     name = "orchestration.json" if not slow else f"orchestration-cpus{args.cpus:g}-trainer{slow['trainer_cpus']:g}.json"
     (REPO / ".local" / "bench" / name).write_text(json.dumps(result, indent=2))

@@ -57,7 +57,7 @@ from tasks.lib.training_runs import (
 log = logging.getLogger(__name__)
 
 RUN_STATE_FILE = checkpoints.STATE_FILE  # in the checkpoint directory: which MLflow run, epochs done, ...
-TAG_STOPPED_BY = f"{tracking.TAG_PREFIX}stopped_by"
+TAG_STOPPED_BY = tracking.TAG_STOPPED_BY
 STOPPED_BY = ("budget", "early_stopping", "epochs")
 _METRICS = ("accuracy", "precision", "recall", "auc", "pr_auc")
 

@@ -637,6 +637,8 @@ def summarize(
     """The training run in a few lines: data, MLflow run, the numbers the gate judged, the verdict and why."""
     import mlflow
 
+    from tasks.lib import tracking
+
     pipeline = run.load("pipeline", PipelineParams)
     link = run_link(mlflow.get_tracking_uri(), trained["run_id"], pipeline.mlflow_ui_url)
     m = evaluation["metrics"]
@@ -645,9 +647,14 @@ def summarize(
         value = m.get(name)
         return "n/a" if value is None else f"{value:.3f}"
 
+    record = mlflow.MlflowClient().get_run(trained["run_id"]).data
+    epochs = record.metrics.get("epochs_run")
+    stopped_by = record.tags.get(tracking.TAG_STOPPED_BY)
+    length = "" if epochs is None else f", {epochs:.0f} epochs" + (f" (stopped by {stopped_by})" if stopped_by else "")
     lines = [
         f"data      snapshot {data['snapshot']} ({data['dataset']} set), data version {data['data_version']}",
-        f"trained   run {trained['run_id']} on the {backend} backend; model version {trained.get('model_version')}",
+        f"trained   run {trained['run_id']} on the {backend} backend{length}; model version "
+        f"{trained.get('model_version')}",
         f"mlflow    {link}",
         f"test      recall {fmt('test_op_recall')} at precision {fmt('test_op_precision')} "
         f"(threshold {evaluation['threshold']:.3f}), ROC-AUC {fmt('test_roc_auc')}; "

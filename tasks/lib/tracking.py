@@ -35,6 +35,7 @@ TAG_DAG_ID = "cloudscreen.dag_id"
 TAG_DAG_RUN_ID = "cloudscreen.dag_run_id"
 TAG_IMAGE = "cloudscreen.image"
 LINEAGE_TAGS = (TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_SNAPSHOT, TAG_DAG_ID, TAG_DAG_RUN_ID, TAG_IMAGE)
+TAG_STOPPED_BY = "cloudscreen.stopped_by"  # on a training run: budget, early_stopping or epochs
 TAG_KIND = "cloudscreen.kind"  # "train", "baseline", "search", "trial" or "evaluation"
 KIND_EVALUATION = "evaluation"  # tasks.evaluate's run of its own: a model evaluated on other data
 TAG_GATE_DECISION = "cloudscreen.gate.decision"
