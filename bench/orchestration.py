@@ -1,6 +1,6 @@
 """Orchestration overhead: the demo's two DAG runs, wall time over the time their tasks took, measured in one run.
 
-    python -m bench.orchestration [--keep] [--cpus N [--trainer-cpus M]]
+    python -m bench.orchestration [--keep] [--cpus N [--trainer-cpus M]] [--set SECTION.KEY=VALUE ...]
 
 Runs `make demo`'s pipeline (demo.run.run_demo: the refresh DAG, then the training DAG on the local backend, with
 dag.test() against a local Airflow home, the GCS emulator and a real MLflow server) from scratch in a scratch
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import shutil
 
 from bench.slow_machine import Unavailable, emulated
-from demo.run import REPO, describe, run_demo, wall_time
+from demo.run import DEMO_TRAINING, REPO, describe, run_demo, wall_time
+from tasks.lib import cli
 from tasks.lib.cli import configure_logging
 
 SCRATCH = REPO / ".local" / "bench" / "orchestration"
@@ -39,6 +41,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help=f"keep {SCRATCH} afterwards (default: remove it)")
     p.add_argument("--cpus", type=float, help="hold the whole demo to this many cores' worth of CPU time (emulation)")
     p.add_argument("--trainer-cpus", type=float, help="with --cpus: hold the trainer to this many cores' worth")
+    cli.add_overrides(p, "a training param for the demo's training run, after the demo's own (repeatable)")
     args = p.parse_args()
     if args.trainer_cpus and not args.cpus:
         p.error("--trainer-cpus needs --cpus")
@@ -49,7 +52,7 @@ def main() -> None:
         shutil.copytree(built, SCRATCH / "data" / "mirror")
     try:
         with emulated(args.cpus, args.trainer_cpus) if args.cpus else contextlib.nullcontext() as slow:
-            outcome = run_demo(SCRATCH)
+            outcome = run_demo(SCRATCH, training=[*DEMO_TRAINING, *args.overrides])
     except Unavailable as exc:
         p.error(f"--cpus: {exc}")
     finally:
@@ -74,9 +77,11 @@ def main() -> None:
         )
     result = {"overhead": outcome.overhead, "dag_seconds": outcome.dag_seconds, "task_seconds": outcome.task_seconds,
               "demo_seconds": outcome.seconds, "tasks": tasks, "emulated": slow,
-              "training_summary": outcome.training.results["summary"]["text"]}  # fmt: skip
+              "training_summary": outcome.training.results["summary"]["text"], "overrides": args.overrides}  # fmt: skip
     (REPO / ".local" / "bench").mkdir(parents=True, exist_ok=True)
     name = "orchestration.json" if not slow else f"orchestration-cpus{args.cpus:g}-trainer{slow['trainer_cpus']:g}.json"
+    if args.overrides:  # a trial recipe: a file of its own
+        name = name.replace(".json", f"-{hashlib.sha256(json.dumps(args.overrides).encode()).hexdigest()[:8]}.json")
     (REPO / ".local" / "bench" / name).write_text(json.dumps(result, indent=2))
 
 

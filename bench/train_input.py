@@ -123,6 +123,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "Keras on JAX (jitted)": {"backend": "jax", "jit_compile": True},  # with --jax only
     "block means (input_pooling 2)": {"model": ["model.input_pooling=2"]},
     "strided first convolution": {"model": [STRIDED_CNN]},
+    "strided, on block means": {"model": [STRIDED_CNN, "model.input_pooling=2"]},
     "mobilenet_v2 from scratch": {"model": ["model.architecture=mobilenet_v2"]},
     "resnet50_v2 from scratch": {"model": ["model.architecture=resnet50_v2"]},
     "emulated: AVX2 kernels, 1 core": {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "cores": 1},
