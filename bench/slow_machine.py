@@ -2,9 +2,9 @@
 
 `emulated(cpus=..., trainer_cpus=...)` holds this process and everything it starts to `cpus` cores' worth of CPU time,
 and every `python -m tasks.train` process, from the moment a watcher sees it, to `trainer_cpus`: the two machines of
-this kind differ far more in training (oneDNN's AVX-512 kernels against AVX2) than in the rest. It needs root and the
-cpu controller (cgroup v1's cpu hierarchy or cgroup v2's cpu.max); without them it says so instead of measuring
-something else.
+this kind differ far more in training (oneDNN's AVX-512 kernels against AVX2) than in the rest. It needs root and
+cgroup v1's cpu hierarchy with CFS bandwidth control (what machines of this kind mount); without them it says so
+instead of measuring something else.
 """
 
 from __future__ import annotations
