@@ -48,8 +48,8 @@ TARGET_SECONDS = 600  # `make demo` from a fresh clone, on any machine of this k
 # schedule that anneals by the last epoch the 5 minutes allow at the pace so far (30 at most, under 2 minutes on the
 # fast machine). Measured in docs/model-quality.md: at 30 epochs 3 of 3 training seeds pass the gate's floors, at 20
 # 2 of 3. With the whole demo held to half this machine and the trainer to a sixth (bench.orchestration --cpus 1
-# --trainer-cpus 0.33) it reached 26 epochs and a champion in 9.9 minutes; the stride alone reached 10 epochs there
-# and was rejected.
+# --trainer-cpus 0.33) it reached 26-27 epochs and a champion in 9.9-10.0 minutes; the stride alone reached 10 epochs
+# there and was rejected.
 DEMO_TRAINING = [
     "train.budget_minutes=5",
     "train.epochs=30",
