@@ -173,10 +173,8 @@ def test_training_trains_evaluates_and_gates_on_the_pinned_snapshot(pipeline, re
     mlflow.set_tracking_uri(pipeline.tracking_uri)
     client = mlflow.MlflowClient()
     run = client.get_run(summary["run_id"])
-    epochs, stopped_by = run.data.metrics["epochs_run"], run.data.tags["cloudscreen.stopped_by"]
-    assert (
-        f"{epochs:.0f} epochs (stopped by {stopped_by})" in summary["text"]
-    )  # how long it trained, and why it stopped
+    length = f"{run.data.metrics['epochs_run']:.0f} epochs (stopped by {run.data.tags[tracking.TAG_STOPPED_BY]})"
+    assert length in summary["text"]  # how long it trained, and why it stopped
     tags = run.data.tags
     # Pinned: the run says exactly which data and which DAG run it came from.
     assert tags[tracking.TAG_SNAPSHOT] == record["snapshot"]
