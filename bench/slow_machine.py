@@ -26,19 +26,18 @@ class Unavailable(RuntimeError):
 
 
 class _Group:
-    """One cgroup of cgroup v1's cpu hierarchy, with a CPU quota or none."""
+    """One cgroup of cgroup v1's cpu hierarchy, with a CPU quota."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @classmethod
-    def create(cls, parent: Path, name: str, cpus: float | None) -> _Group:
+    def create(cls, parent: Path, name: str, cpus: float) -> _Group:
         group = cls(parent / name)
         try:
             group.path.mkdir()
-            if cpus is not None:
-                (group.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-                (group.path / "cpu.cfs_quota_us").write_text(str(round(cpus * PERIOD_US)))
+            (group.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group.path / "cpu.cfs_quota_us").write_text(str(round(cpus * PERIOD_US)))
         except OSError as exc:
             raise Unavailable(f"cannot create a CPU-limited cgroup under {parent}: {exc}") from exc
         return group
