@@ -1,10 +1,14 @@
-"""The training input pipeline's augmentation: flips and 90° rotations, uniform, seeded; photometric jitter."""
+"""The training input pipeline: augmentation (flips and 90° rotations, uniform, seeded; photometric jitter) and the
+normalisation moments."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
+from tasks.lib import inputs
 from tasks.lib.inputs import Photometric, photometric_jitter, random_symmetries
+from tasks.lib.tiles import PatchReader
 
 
 def _symmetries_of(patch: np.ndarray) -> list[np.ndarray]:
@@ -71,3 +75,17 @@ def test_jitter_keeps_reflectance_non_negative_and_zero_jitter_is_off():
     assert not Photometric().active
     patches = _bright_patches(4)
     assert np.array_equal(photometric_jitter(patches.copy(), Photometric(), np.random.default_rng(3)), patches)
+
+
+def test_channel_moments_are_the_train_frames_mean_and_variance_across_shards_and_chunks(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    shards = {name: rng.integers(0, 2**16, size=(3, 120, 120, 3), dtype=np.uint16) for name in ("a.npy", "b.npy")}
+    shards["b.npy"][..., 2] = 65_535  # the largest DN: squares sums in float32 or 32-bit ints would lose it
+    for name, array in shards.items():
+        np.save(tmp_path / name, array)
+    frame = pd.DataFrame({"shard": ["a.npy", "b.npy", "a.npy", "b.npy", "b.npy"], "offset": [0, 2, 2, 0, 1]})
+    monkeypatch.setattr(inputs, "_STATS_CHUNK", 2)  # three chunks, one of them short
+    mean, variance = inputs.channel_moments(PatchReader(tmp_path), frame)
+    pixels = np.stack([shards[s][o] for s, o in zip(frame["shard"], frame["offset"], strict=True)]).astype(np.float64)
+    np.testing.assert_allclose(mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(variance, pixels.var(axis=(0, 1, 2)), rtol=1e-9)
