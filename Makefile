@@ -16,7 +16,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 .PHONY: help setup demo test lint bench tracking serve clean up browser
 
 help:
-	@echo "make demo   build the embedded BigEarthNet-format mirror and serve it on loopback; run the refresh DAG (download, validate, tile, sample, version), the training DAG (train, evaluate, gate) and, with a champion, the screening DAG (screen, monitor) with dag.test(), a real MLflow server and the GCS emulator"
+	@echo "make demo   build the embedded BigEarthNet-format mirror and serve it on loopback; run the refresh DAG (the archive streamed into validated patches and tiles, sample, version), the training DAG (train, evaluate, gate) and, with a champion, the screening DAG (screen, monitor) with dag.test(), a real MLflow server and the GCS emulator"
 	@echo "make test   lint, then every test (unit, data, model, integration with real servers on loopback, end to end: DAG runs, a real scheduler, the UI)"
 	@echo "make lint   ruff check + ruff format --check, hadolint, the compose schema, kubernetes-validate"
 	@echo "make bench  benchmarks under bench/ (ratios measured side by side)"

@@ -28,9 +28,10 @@ import json
 import shutil
 
 from bench.slow_machine import Unavailable, emulated
-from demo.run import DEMO_TRAINING, REPO, describe, run_demo, wall_time
+from demo.run import DEMO_INGEST, DEMO_TRAINING, REPO, describe, run_demo, wall_time
 from tasks.lib import cli
 from tasks.lib.cli import configure_logging
+from tasks.lib.pipeline import INGEST_PATHS
 
 SCRATCH = REPO / ".local" / "bench" / "orchestration"
 TARGET = 1.3
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--cpus", type=float, help="hold the whole demo to this many cores' worth of CPU time (emulation)")
     p.add_argument("--trainer-cpus", type=float, help="with --cpus: hold the trainer to this many cores' worth")
     cli.add_overrides(p, "a training param for the demo's training run, after the demo's own (repeatable)")
+    p.add_argument("--ingest", choices=INGEST_PATHS, default=DEMO_INGEST, help="the refresh's ingest path")
     args = p.parse_args()
     if args.trainer_cpus and not args.cpus:
         p.error("--trainer-cpus needs --cpus")
@@ -52,7 +54,7 @@ def main() -> None:
         shutil.copytree(built, SCRATCH / "data" / "mirror")
     try:
         with emulated(args.cpus, args.trainer_cpus) if args.cpus else contextlib.nullcontext() as slow:
-            outcome = run_demo(SCRATCH, training=[*DEMO_TRAINING, *args.overrides])
+            outcome = run_demo(SCRATCH, training=[*DEMO_TRAINING, *args.overrides], ingest=args.ingest)
     except Unavailable as exc:
         p.error(f"--cpus: {exc}")
     finally:

@@ -3,8 +3,9 @@
 Builds the BigEarthNet-format mirror described by params.yaml (`mirror`) and serves it over HTTP on a random loopback
 port the way the official archive is served; starts the GCS emulator (bucket `cloudscreen`, persisted under .local/gcs:
 the DVC remote and MLflow's artifact store) and the real MLflow tracking server (SQLite .local/mlflow.db); then runs the
-`cloudscreen_refresh` DAG (download → validate → tile → sample → version) for the snapshot `demo`, the
-`cloudscreen_training` DAG (train on the local backend → evaluate → gate) and, once there is a champion, the
+`cloudscreen_refresh` DAG (the archive streamed into validated patches and tiles → sample → version; with `--ingest
+extract`, download → validate → tile) for the snapshot `demo`, the `cloudscreen_training` DAG (train on the local
+backend → evaluate → gate) and, once there is a champion, the
 `cloudscreen_screening` DAG (every patch of `demo` scored, the clear list written) with `dag.test()` against a local
 Airflow home (.local/airflow), and prints where everything went. While it runs the terminal shows one line per step and
 per DAG task (demo.live); the DAG runs' full output (Airflow's task logs, the trainer's log) and this process's own log
@@ -15,6 +16,7 @@ the champion.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import http.server
@@ -33,6 +35,7 @@ from ops.gcs_emulator import local_gcs_emulator
 from ops.tracking_server import mlflow_server
 from tasks.lib.config import load_section
 from tasks.lib.model import STRIDED_CNN
+from tasks.lib.pipeline import INGEST_PATHS
 from tasks.mirror import MirrorParams, build_mirror
 from tasks.versioning import VersioningParams
 
@@ -59,6 +62,11 @@ DEMO_TRAINING = [
     STRIDED_CNN,
     "model.input_pooling=2",
 ]
+# The refresh streams the archive (tasks.ingest: checksum, validation, Data Docs and tiles in one pass, nothing
+# extracted): on a slow machine writing 52,000 band files and reading them back cost ~20 s of the 10 minutes
+# (docs/model-quality.md). `python -m demo.run --ingest extract` runs download → validate → tile one by one, the
+# refresh DAG's scheduled default, and keeps the extracted patches to look at.
+DEMO_INGEST = "stream"
 # The summary's run link points at the MLflow UI `make up` serves on the same store.
 MLFLOW_UI = "http://127.0.0.1:5000"
 
@@ -97,7 +105,10 @@ class DemoOutcome:
 
 
 def run_demo(
-    local: Path = LOCAL, training: list[str] = DEMO_TRAINING, console: live.Console | None = None
+    local: Path = LOCAL,
+    training: list[str] = DEMO_TRAINING,
+    console: live.Console | None = None,
+    ingest: str = DEMO_INGEST,
 ) -> DemoOutcome:
     """Mirror → served → refresh DAG → training DAG, with every service the DAGs need; the two DAG runs' outcomes."""
     started = time.monotonic()
@@ -125,6 +136,7 @@ def run_demo(
                     "snapshot": SNAPSHOT,
                     "source": f"{base}/{mirror.archive.name}",
                     "checksum_url": f"{base}/{mirror.archive.name}.sha256",
+                    "ingest": ingest,
                 },
             )
             _check(refresh, logs)
@@ -263,11 +275,20 @@ def wall_time(seconds: float) -> str:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--ingest",
+        choices=INGEST_PATHS,
+        default=DEMO_INGEST,
+        help="the refresh's path from archive to tiles: stream (one pass, the demo's) or extract (download → "
+        "validate → tile, the extracted patches kept)",
+    )
+    args = p.parse_args()
     demo_log = LOCAL / LOGS / "demo.log"
     configure_file_logging(demo_log)
     console = live.Console()
     console.print(f"cloudscreen demo: full logs in {_short(str(LOCAL / LOGS))}/ (this process: {demo_log.name})")
-    outcome = run_demo(console=console)
+    outcome = run_demo(console=console, ingest=args.ingest)
     print(describe(outcome))
     # From this process's start: its imports too, which run_demo's own clock misses.
     print(wall_time(time.time() - psutil.Process().create_time()), flush=True)
