@@ -79,11 +79,14 @@ def main() -> None:
         )
     result = {"overhead": outcome.overhead, "dag_seconds": outcome.dag_seconds, "task_seconds": outcome.task_seconds,
               "demo_seconds": outcome.seconds, "tasks": tasks, "emulated": slow,
-              "training_summary": outcome.training.results["summary"]["text"], "overrides": args.overrides}  # fmt: skip
+              "training_summary": outcome.training.results["summary"]["text"], "overrides": args.overrides,
+              "ingest": args.ingest}  # fmt: skip
     (REPO / ".local" / "bench").mkdir(parents=True, exist_ok=True)
     name = "orchestration.json" if not slow else f"orchestration-cpus{args.cpus:g}-trainer{slow['trainer_cpus']:g}.json"
     if args.overrides:  # a trial recipe: a file of its own
         name = name.replace(".json", f"-{hashlib.sha256(json.dumps(args.overrides).encode()).hexdigest()[:8]}.json")
+    if args.ingest != DEMO_INGEST:
+        name = name.replace(".json", f"-{args.ingest}.json")
     (REPO / ".local" / "bench" / name).write_text(json.dumps(result, indent=2))
 
 
