@@ -10,7 +10,7 @@ to one machine; the machine is printed and recorded). `--kernels avx2` emulates 
 an AVX-512 one (TensorFlow's oneDNN, OpenBLAS and numpy held to their AVX2 kernels), with runs of its own: the same
 grid from both gives the spread between machines.
 
-Training data is the embedded default: the demo's snapshot (`make demo`: tiles/demo and samples/demo/small); when it
+Training data is the embedded default: the demo's snapshot (`make demo`: its tiles and samples/demo/small); when it
 is absent, demo/run.py builds it. The held-out data is a second mirror with the same `mirror` params but another
 seed, built, extracted, validated, tiled and sampled (small set) with the project's own steps into
 .local/bench/quality/heldout-<seed>/ (reused when complete; every step is idempotent). Names come from the official
@@ -57,14 +57,14 @@ from tasks.lib import cli
 from tasks.lib.cli import configure_logging
 from tasks.lib.config import load_section
 from tasks.lib.files import file_digest, write_json
+from tasks.lib.pipeline import snapshot_records
 from tasks.lib.tiles import INDEX_FILE, load_patches
 from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 from tasks.sample import MANIFEST_FILE, NATURAL_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / ".local" / "data"
-DEMO_TILES = DATA / "tiles" / "demo"
-DEMO_MANIFEST = DATA / "samples" / "demo" / "small" / MANIFEST_FILE
+DEMO_SNAPSHOT = "demo"
 WORK = REPO / ".local" / "bench" / "quality"
 TRACKING_DB = WORK / "mlflow.db"
 RESULT_FILE = WORK / "quality.json"
@@ -93,16 +93,30 @@ log = logging.getLogger("bench.quality")
 
 
 def _embedded_default() -> tuple[Path, Path]:
-    """(tiles, small manifest) of the demo's snapshot, built by demo/run.py when absent."""
-    complete = (DEMO_TILES / TILES_MANIFEST).is_file() and all(
-        (DEMO_MANIFEST.parent / name).is_file() for name in (MANIFEST_FILE, NATURAL_FILE)
-    )
-    if not complete:
+    """(tiles, small manifest) of the demo's snapshot where its refresh record says they are (tiles/demo or, streamed,
+    ingested/demo/tiles), built as `make demo` builds them when absent."""
+    found = _recorded_demo()
+    if found is None:
         from demo import run as demo
 
         log.info("no demo snapshot under %s: building it as `make demo` does", DATA)
-        demo.main()
-    return DEMO_TILES, DEMO_MANIFEST
+        demo.run_demo()
+        found = _recorded_demo()
+    if found is None:
+        raise SystemExit(f"the demo ran but left no complete snapshot {DEMO_SNAPSHOT!r} under {DATA}")
+    return found
+
+
+def _recorded_demo() -> tuple[Path, Path] | None:
+    records = snapshot_records(DATA) if DATA.is_dir() else []
+    record = next((r for r in records if r["snapshot"] == DEMO_SNAPSHOT), None)
+    if record is None or "small" not in record["manifests"]:
+        return None
+    tiles, manifest = Path(record["tiles"]), Path(record["manifests"]["small"])
+    complete = (tiles / TILES_MANIFEST).is_file() and all(
+        (manifest.parent / name).is_file() for name in (MANIFEST_FILE, NATURAL_FILE)
+    )
+    return (tiles, manifest) if complete else None
 
 
 def _snapshot(params: Any, base: Path) -> tuple[Path, Path]:
