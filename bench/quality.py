@@ -57,9 +57,8 @@ from tasks.lib import cli
 from tasks.lib.cli import configure_logging
 from tasks.lib.config import load_section
 from tasks.lib.files import file_digest, write_json
-from tasks.lib.pipeline import snapshot_records
+from tasks.lib.pipeline import recorded_data
 from tasks.lib.tiles import INDEX_FILE, load_patches
-from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 from tasks.sample import MANIFEST_FILE, NATURAL_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,15 +107,8 @@ def _embedded_default() -> tuple[Path, Path]:
 
 
 def _recorded_demo() -> tuple[Path, Path] | None:
-    records = snapshot_records(DATA) if DATA.is_dir() else []
-    record = next((r for r in records if r["snapshot"] == DEMO_SNAPSHOT), None)
-    if record is None or "small" not in record["manifests"]:
-        return None
-    tiles, manifest = Path(record["tiles"]), Path(record["manifests"]["small"])
-    complete = (tiles / TILES_MANIFEST).is_file() and all(
-        (manifest.parent / name).is_file() for name in (MANIFEST_FILE, NATURAL_FILE)
-    )
-    return (tiles, manifest) if complete else None
+    found = recorded_data(DATA, DEMO_SNAPSHOT)
+    return found if found and (found[1].parent / NATURAL_FILE).is_file() else None
 
 
 def _snapshot(params: Any, base: Path) -> tuple[Path, Path]:

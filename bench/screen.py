@@ -42,6 +42,7 @@ import pandas as pd
 from bench.inference import default_model, real_patches
 from bench.measure import run_measured
 from tasks.lib import bigearthnet as ben
+from tasks.lib.pipeline import recorded_data
 from tasks.lib.tiles import (
     DTYPE,
     INDEX_FILE,
@@ -56,7 +57,7 @@ from tasks.lib.tiles import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_TILES = REPO / ".local" / "data" / "tiles" / "demo"
+DATA = REPO / ".local" / "data"
 BUILT = REPO / ".local" / "bench" / "screen"
 BIGEARTHNET_PATCHES = 590_326
 NAME = "cloudscreen-bench-screen"
@@ -67,9 +68,10 @@ POOL = 512
 
 def _pool() -> tuple[np.ndarray, str]:
     """Patches to repeat into the tiles directories, and where they come from."""
-    if (DEMO_TILES / INDEX_FILE).is_file():
-        ids = pd.read_parquet(DEMO_TILES / INDEX_FILE)["patch_id"].head(POOL).tolist()
-        return load_patches(DEMO_TILES, ids), f"{len(ids)} patches of the demo's tiles ({DEMO_TILES})"
+    demo = recorded_data(DATA, "demo")
+    if demo and (demo[0] / INDEX_FILE).is_file():
+        ids = pd.read_parquet(demo[0] / INDEX_FILE)["patch_id"].head(POOL).tolist()
+        return load_patches(demo[0], ids), f"{len(ids)} patches of the demo's tiles ({demo[0]})"
     real = real_patches(6)
     symmetries = [np.rot90(p, k) for p in (real, real[:, ::-1]) for k in range(4)]
     return np.resize(np.concatenate(symmetries, axis=0), (POOL, *PATCH_SHAPE)), "the 6 real patches, 8 symmetries"

@@ -51,21 +51,21 @@ from typing import Any
 from tasks.lib import inputs
 from tasks.lib.config import load_section
 from tasks.lib.model import NARROW_STRIDED_CNN, STRIDED_CNN, ModelParams, build_model, compile_for_training
-from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
+from tasks.lib.pipeline import recorded_data
 from tasks.lib.training_runs import read_splits
 from tasks.sample import MANIFEST_FILE
 from tasks.train import TrainParams
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_TILES = REPO / ".local" / "data" / "tiles" / "demo"
-DEMO_MANIFEST = REPO / ".local" / "data" / "samples" / "demo" / "small" / MANIFEST_FILE
+DATA = REPO / ".local" / "data"
 BUILT = REPO / ".local" / "bench" / "train_input"
 
 
 def _data() -> tuple[Path, Path]:
     """(tiles, manifest): the demo's when present, else built once into BUILT with the project's steps."""
-    if (DEMO_TILES / TILES_MANIFEST).is_file() and DEMO_MANIFEST.is_file():
-        return DEMO_TILES, DEMO_MANIFEST
+    demo = recorded_data(DATA, "demo")
+    if demo:
+        return demo
     manifest = BUILT / "samples" / "small" / MANIFEST_FILE
     if not manifest.is_file():
         from tasks.mirror import MirrorParams, build_mirror

@@ -349,6 +349,20 @@ def snapshot_records(data_root: Path) -> list[xcoms.SnapshotRecord]:
     return sorted(records, key=lambda r: (r["as_of"], r["snapshot"]))
 
 
+def recorded_data(data_root: Path, snapshot: str, dataset: str = "small") -> tuple[Path, Path] | None:
+    """(tiles, sample manifest) of a refreshed snapshot where its record says they are (tiles/<snapshot>/, or
+    ingested/<snapshot>/tiles/ when the refresh streamed), or None when there is no such record or its files are not
+    all there (for benchmarks and tools that read the demo's data)."""
+    from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
+
+    records = snapshot_records(data_root) if (data_root / SNAPSHOTS_DIR).is_dir() else []
+    record = next((r for r in records if r["snapshot"] == snapshot), None)
+    if record is None or dataset not in record["manifests"]:
+        return None
+    tiles, manifest = Path(record["tiles"]), Path(record["manifests"][dataset])
+    return (tiles, manifest) if (tiles / TILES_MANIFEST).is_file() and manifest.is_file() else None
+
+
 def check_training_form(*, force_promote: bool, reason: str | None) -> None:
     """Refuse a forced promotion without a reason before anything trains, not after."""
     if force_promote and not (reason and reason.strip()):
