@@ -110,7 +110,7 @@ def _timed(fn: Any) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-# A lighter variant of the strided network on block means (the demo's since session 12), for a slow machine's budget.
+# A variant of session 12's demo network (the strided network on block means), tried for a slow machine's budget.
 STRIDED_CNN_3X3 = STRIDED_CNN.replace("{filters: 32, kernel: 5, pool: 2}", "{filters: 32, kernel: 3, pool: 2}")
 
 # (d)'s options: name → settings of one worker process. "default" is params.yaml's train section as it is.
