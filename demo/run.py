@@ -51,7 +51,7 @@ TARGET_SECONDS = 600  # `make demo` from a fresh clone, on any machine of this k
 # a cosine schedule that anneals by the last epoch the 5 minutes allow at the pace so far (30 at most, about a
 # minute on the fast machine). Measured in docs/model-quality.md: at 30 epochs 3 of 3 training seeds pass the gate's
 # floors, at 20 1 of 3. With the whole demo held to half this machine and the trainer to a sixth (bench.orchestration
-# --cpus 1 --trainer-cpus 0.33) it reached its 30 epochs and a champion in 8.8-8.9 minutes (two runs); with 32 filters
+# --cpus 1 --trainer-cpus 0.33) it reached its 30 epochs and a champion in 8.8-9.3 minutes (three runs); with 32 filters
 # (session 12's network) 25-27 epochs, a champion in three runs of four and one rejected (precision 0.849, floor 0.85).
 DEMO_TRAINING = [
     "train.budget_minutes=5",
