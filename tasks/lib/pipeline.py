@@ -355,8 +355,7 @@ def recorded_data(data_root: Path, snapshot: str, dataset: str = "small") -> tup
     all there (for benchmarks and tools that read the demo's data)."""
     from tasks.lib.tiles import MANIFEST_FILE as TILES_MANIFEST
 
-    records = snapshot_records(data_root) if (data_root / SNAPSHOTS_DIR).is_dir() else []
-    record = next((r for r in records if r["snapshot"] == snapshot), None)
+    record = next((r for r in snapshot_records(data_root) if r["snapshot"] == snapshot), None)
     if record is None or dataset not in record["manifests"]:
         return None
     tiles, manifest = Path(record["tiles"]), Path(record["manifests"][dataset])
